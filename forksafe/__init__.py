@@ -1,0 +1,1 @@
+"""forksafe: DB-API pools that survive fork()."""

@@ -1,0 +1,1 @@
+"""workers: a prefork supervisor and a durable job queue built on forksafe pools."""
