@@ -406,6 +406,41 @@ def test_a_failing_reconnect_raises_the_original_error(steady_db: ModuleType) ->
         cursor.execute("select 1")
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [{"maxusage": "10"}, {"failures": "OperationalError"}],
+    ids=["maxusage", "failures"],
+)
+def test_badly_typed_arguments_are_refused(
+    steady_db: ModuleType, arguments: dict[str, Any]
+) -> None:
+    with pytest.raises(TypeError):
+        steady_db.connect(fakedb, **arguments)
+
+
+def test_a_connection_whose_setsession_fails_is_closed_and_the_error_raised(
+    steady_db: ModuleType,
+) -> None:
+    fakedb.fail_next(1, "execute", fakedb.ProgrammingError)
+    with pytest.raises(fakedb.ProgrammingError):
+        steady_db.connect(fakedb, setsession=["set nonsense to 1"])
+
+    assert fakedb.counts.connects == 1
+    assert raw(1).closed
+
+
+def test_a_failed_commit_raises_and_replaces_the_connection(steady_db: ModuleType) -> None:
+    db = steady_db.connect(fakedb)
+    db.begin()
+    db.cursor().execute("update account set balance = 0")
+    fakedb.fail_next(1, "commit")
+    with pytest.raises(fakedb.OperationalError):
+        db.commit()
+
+    assert raw(1).closed
+    assert number_of(db) == 2
+
+
 def test_steady_db_exports_the_dbutils_names(steady_db: ModuleType) -> None:
     assert issubclass(steady_db.InvalidCursorError, steady_db.SteadyDBError)
     assert isinstance(steady_db.connect(fakedb), steady_db.SteadyDBConnection)
@@ -472,6 +507,16 @@ def test_maxcached_limits_idle_connections_and_closes_the_surplus(
 
     assert fakedb.counts.closes == 1
     assert len(fakedb.open_connections()) == 2
+
+
+def test_maxcached_is_raised_to_mincached(pooled_db: ModuleType) -> None:
+    pool = pooled_db.PooledDB(fakedb, mincached=3, maxcached=1)
+    connections = [pool.connection() for _ in range(3)]
+    for db in connections:
+        db.close()
+
+    assert fakedb.counts.connects == 3
+    assert fakedb.counts.closes == 0
 
 
 def test_maxcached_zero_keeps_every_returned_connection(pooled_db: ModuleType) -> None:
@@ -781,6 +826,7 @@ def test_many_threads_share_a_small_blocking_pool_without_losing_connections(
             for _ in range(20):
                 with pool.connection() as db:
                     number_of(db)
+                    time.sleep(0.001)  # hold it long enough for the other threads to queue up
         except BaseException as error:
             errors.append(error)
 
