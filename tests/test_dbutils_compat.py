@@ -591,6 +591,21 @@ def test_a_dead_idle_connection_is_replaced_on_checkout(pooled_db: ModuleType) -
     assert number_of(db) == 2
 
 
+def test_after_a_server_restart_every_idle_connection_is_replaced(
+    pooled_db: ModuleType,
+) -> None:
+    pool = pooled_db.PooledDB(fakedb)
+    connections = [pool.connection() for _ in range(3)]
+    for db in connections:
+        db.close()
+    fakedb.kill_all()
+
+    connections = [pool.connection() for _ in range(3)]
+
+    assert sorted(number_of(db) for db in connections) == [4, 5, 6]
+    assert fakedb.open_connections() == fakedb.connections[3:]
+
+
 def test_without_ping_a_dead_idle_connection_is_replaced_at_first_use(
     pooled_db: ModuleType,
 ) -> None:
