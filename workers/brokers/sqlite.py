@@ -1,0 +1,517 @@
+"""The embedded SQLite broker: a durable queue in one file, for one machine.
+
+``sqlite:///jobs.db`` (relative to the current directory) or
+``sqlite:////var/lib/app/jobs.db`` (absolute). URL options:
+
+* ``timeout`` — seconds a writer waits for the lock (busy timeout), default 30.
+* ``synchronous`` — ``NORMAL`` (default: durable across process crashes, the last
+  transactions may be lost on power failure) or ``FULL``.
+
+The database runs in WAL mode so readers (result polling, ``forksafe status``) never
+block writers. Every write that must be atomic (claims, outcomes, submissions)
+runs in a ``BEGIN IMMEDIATE`` transaction, which takes the write lock up front so
+two claimers can never both read the same due job. Connections come from a
+forksafe ``PersistentDB`` pool (one per thread), so a broker built in the
+supervisor before ``fork()`` opens fresh connections in each worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from forksafe import PersistentDB
+from workers import states
+from workers.brokers.base import (
+    Broker,
+    BrokerURL,
+    ClaimedJob,
+    JobRecord,
+    NewJob,
+    Outcome,
+    WorkerInfo,
+)
+from workers.errors import BrokerError, BrokerURLError
+
+log = logging.getLogger("workers.brokers.sqlite")
+
+SCHEMA_VERSION = 1
+
+# version -> statements that bring the schema from version-1 to version.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE forksafe_jobs (
+            id TEXT PRIMARY KEY,
+            task TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            state TEXT NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            payload BLOB NOT NULL,
+            serializer TEXT NOT NULL,
+            eta REAL NOT NULL,
+            expires_at REAL,
+            retries INTEGER NOT NULL DEFAULT 0,
+            deliveries INTEGER NOT NULL DEFAULT 0,
+            worker TEXT,
+            lease TEXT,
+            lease_until REAL,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            result BLOB,
+            error TEXT,
+            traceback TEXT
+        )""",
+        # Claims walk this index in order and stop at LIMIT.
+        """CREATE INDEX forksafe_jobs_due ON forksafe_jobs (queue, priority DESC, eta)
+            WHERE state IN ('PENDING', 'SCHEDULED', 'RETRY')""",
+        """CREATE INDEX forksafe_jobs_held ON forksafe_jobs (worker, lease_until)
+            WHERE state = 'STARTED'""",
+        "CREATE INDEX forksafe_jobs_state ON forksafe_jobs (state, finished_at)",
+        """CREATE TABLE forksafe_workers (
+            id TEXT PRIMARY KEY,
+            hostname TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            supervisor_pid INTEGER NOT NULL,
+            queues TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            jobs_done INTEGER NOT NULL,
+            current_job TEXT,
+            stats TEXT NOT NULL
+        )""",
+    ),
+}
+
+_WAITING = "('PENDING', 'SCHEDULED', 'RETRY')"
+_JOB_COLUMNS = (
+    "id, task, queue, state, priority, payload, serializer, eta, expires_at, retries, "
+    "deliveries, worker, created_at, started_at, finished_at, result, error, traceback"
+)
+
+
+class SQLiteBroker(Broker):
+    """The :class:`~workers.brokers.base.Broker` interface over one SQLite file."""
+
+    def __init__(self, url: BrokerURL) -> None:
+        super().__init__(url)
+        if url.host:
+            raise BrokerURLError(
+                f"SQLite broker URL {url.masked()!r} names a host {url.host!r}; use "
+                f"'sqlite:///relative/path.db' or 'sqlite:////absolute/path.db'"
+            )
+        if not url.database or url.database == ":memory:":
+            raise BrokerURLError(
+                f"SQLite broker URL {url.masked()!r} needs a file (workers are separate "
+                f"processes, so an in-memory database cannot be shared); use e.g. "
+                f"'sqlite:///forksafe.db'"
+            )
+        self.path = os.path.abspath(url.database)
+        try:
+            self.busy_timeout = float(url.query.get("timeout", "30"))
+        except ValueError:
+            raise BrokerURLError(
+                f"timeout={url.query['timeout']!r} in {url.masked()!r} is not a number of "
+                f"seconds; use e.g. ?timeout=30"
+            ) from None
+        synchronous = url.query.get("synchronous", "NORMAL").upper()
+        if synchronous not in ("NORMAL", "FULL", "EXTRA", "OFF"):
+            raise BrokerURLError(
+                f"synchronous={synchronous!r} in {url.masked()!r}; use NORMAL or FULL"
+            )
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            raise BrokerURLError(
+                f"SQLite broker directory {directory!r} does not exist; create it or fix "
+                f"the path in {url.masked()!r}"
+            )
+        self._local = threading.local()
+        self._pool = PersistentDB(
+            sqlite3,
+            setsession=[
+                "PRAGMA journal_mode=WAL",
+                f"PRAGMA synchronous={synchronous}",
+                f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}",
+            ],
+            database=self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        return self._pool.connection()
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
+        """A cursor inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error)."""
+        cursor = self._connection().cursor()
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
+            yield cursor
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+        cursor.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        cursor = self._connection().cursor()
+        cursor.execute(sql, tuple(params))
+        return list(cursor.fetchall())
+
+    # -- schema -------------------------------------------------------------------
+
+    def setup(self) -> None:
+        with self._write() as cursor:
+            cursor.execute("CREATE TABLE IF NOT EXISTS forksafe_schema (version INTEGER NOT NULL)")
+            cursor.execute("SELECT max(version) FROM forksafe_schema")
+            current = cursor.fetchone()[0] or 0
+            if current > SCHEMA_VERSION:
+                raise BrokerError(
+                    f"the queue in {self.path!r} has schema version {current}, newer than "
+                    f"this workers version understands ({SCHEMA_VERSION}); upgrade forksafe"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version]:
+                    cursor.execute(statement)
+                cursor.execute("DELETE FROM forksafe_schema")
+                cursor.execute("INSERT INTO forksafe_schema (version) VALUES (?)", (version,))
+                log.info("queue schema in %s migrated to version %d", self.path, version)
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[bool]:
+        created: list[bool] = []
+        with self._write() as cursor:
+            for job in jobs:
+                eta = now if job.eta is None else job.eta
+                cursor.execute(
+                    "INSERT INTO forksafe_jobs (id, task, queue, state, priority, payload,"
+                    " serializer, eta, expires_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (id) DO NOTHING",
+                    (
+                        job.id,
+                        job.task,
+                        job.queue,
+                        states.SCHEDULED if eta > now else states.PENDING,
+                        job.priority,
+                        job.payload,
+                        job.serializer,
+                        eta,
+                        job.expires_at,
+                        now,
+                    ),
+                )
+                created.append(cursor.rowcount == 1)
+        return created
+
+    def claim(
+        self, worker: str, queues: Sequence[str], limit: int, lease_seconds: float, now: float
+    ) -> list[ClaimedJob]:
+        marks = ",".join("?" * len(queues))
+        # Cheap read first: an idle worker must not take the write lock on every poll.
+        due = self._read(
+            f"SELECT 1 FROM forksafe_jobs WHERE state IN {_WAITING} AND queue IN ({marks})"
+            " AND eta <= ? LIMIT 1",
+            [*queues, now],
+        )
+        if not due:
+            return []
+        lease = os.urandom(12).hex()
+        with self._write() as cursor:
+            cursor.execute(
+                "UPDATE forksafe_jobs SET state = 'STARTED', worker = ?, lease = ?,"
+                " lease_until = ?, started_at = ?, deliveries = deliveries + 1"
+                " WHERE rowid IN (SELECT rowid FROM forksafe_jobs"
+                f"  WHERE state IN {_WAITING} AND queue IN ({marks}) AND eta <= ?"
+                "   AND (expires_at IS NULL OR expires_at > ?)"
+                "  ORDER BY priority DESC, eta LIMIT ?)"
+                " RETURNING id, task, queue, payload, serializer, priority, retries, deliveries",
+                (worker, lease, now + lease_seconds, now, *queues, now, now, limit),
+            )
+            rows = cursor.fetchall()
+        jobs = [
+            ClaimedJob(
+                id=row[0],
+                task=row[1],
+                queue=row[2],
+                payload=row[3],
+                serializer=row[4],
+                priority=row[5],
+                retries=row[6],
+                deliveries=row[7],
+                lease=lease,
+            )
+            for row in rows
+        ]
+        jobs.sort(key=lambda job: -job.priority)
+        return jobs
+
+    def record(self, outcomes: Sequence[Outcome], now: float) -> list[bool]:
+        stored: list[bool] = []
+        with self._write() as cursor:
+            for outcome in outcomes:
+                error = json.dumps(outcome.error) if outcome.error is not None else None
+                if outcome.state == states.RETRY:
+                    cursor.execute(
+                        "UPDATE forksafe_jobs SET state = 'RETRY', eta = ?, retries = retries + 1,"
+                        " lease = NULL, lease_until = NULL, error = ?, traceback = ?"
+                        " WHERE id = ? AND lease = ? AND state = 'STARTED'",
+                        (outcome.retry_at, error, outcome.traceback, outcome.job_id, outcome.lease),
+                    )
+                else:
+                    cursor.execute(
+                        "UPDATE forksafe_jobs SET state = ?, result = ?, error = ?, traceback = ?,"
+                        " finished_at = ?, lease = NULL, lease_until = NULL"
+                        " WHERE id = ? AND lease = ? AND state = 'STARTED'",
+                        (
+                            outcome.state,
+                            outcome.result,
+                            error,
+                            outcome.traceback,
+                            now,
+                            outcome.job_id,
+                            outcome.lease,
+                        ),
+                    )
+                stored.append(cursor.rowcount == 1)
+        return stored
+
+    def extend_leases(self, worker: str, lease_seconds: float, now: float) -> int:
+        with self._write() as cursor:
+            cursor.execute(
+                "UPDATE forksafe_jobs SET lease_until = ? WHERE worker = ? AND state = 'STARTED'",
+                (now + lease_seconds, worker),
+            )
+            return int(cursor.rowcount)
+
+    def release(self, worker: str, job_ids: Sequence[str], now: float) -> int:
+        if not job_ids:
+            return 0
+        marks = ",".join("?" * len(job_ids))
+        with self._write() as cursor:
+            cursor.execute(
+                "UPDATE forksafe_jobs SET state = 'PENDING', lease = NULL, lease_until = NULL,"
+                " deliveries = max(deliveries - 1, 0)"
+                f" WHERE worker = ? AND state = 'STARTED' AND id IN ({marks})",
+                (worker, *job_ids),
+            )
+            return int(cursor.rowcount)
+
+    def release_lost(self, worker: str, max_deliveries: int, now: float) -> int:
+        with self._write() as cursor:
+            return self._release_where(cursor, "worker = ?", (worker,), max_deliveries, now)
+
+    def sweep(self, max_deliveries: int, now: float) -> int:
+        with self._write() as cursor:
+            changed = self._release_where(cursor, "lease_until < ?", (now,), max_deliveries, now)
+            cursor.execute(
+                "UPDATE forksafe_jobs SET state = 'EXPIRED', finished_at = ?"
+                f" WHERE state IN {_WAITING} AND expires_at <= ?",
+                (now, now),
+            )
+            return changed + int(cursor.rowcount)
+
+    def _release_where(
+        self, cursor: Any, where: str, params: tuple[Any, ...], max_deliveries: int, now: float
+    ) -> int:
+        lost = json.dumps(
+            {
+                "type": "workers.errors.WorkerLostError",
+                "message": f"the worker running this job died {max_deliveries} times",
+                "args": [],
+            }
+        )
+        cursor.execute(
+            "UPDATE forksafe_jobs SET lease = NULL, lease_until = NULL,"
+            " state = CASE WHEN deliveries >= ? THEN 'FAILURE' ELSE 'PENDING' END,"
+            " error = CASE WHEN deliveries >= ? THEN ? ELSE error END,"
+            " finished_at = CASE WHEN deliveries >= ? THEN ? ELSE NULL END"
+            f" WHERE state = 'STARTED' AND {where}",
+            (max_deliveries, max_deliveries, lost, max_deliveries, now, *params),
+        )
+        return int(cursor.rowcount)
+
+    def fetch(self, job_id: str) -> JobRecord | None:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = ?", (job_id,))
+        return _job_record(rows[0]) if rows else None
+
+    def revoke(self, job_id: str, now: float) -> bool:
+        with self._write() as cursor:
+            cursor.execute(
+                "UPDATE forksafe_jobs SET state = 'REVOKED', finished_at = ?, lease = NULL,"
+                " lease_until = NULL"
+                " WHERE id = ? AND state IN ('PENDING', 'SCHEDULED', 'RETRY', 'STARTED')",
+                (now, job_id),
+            )
+            return bool(cursor.rowcount == 1)
+
+    def retry(self, job_id: str, now: float) -> bool:
+        with self._write() as cursor:
+            cursor.execute(
+                "UPDATE forksafe_jobs SET state = 'PENDING', eta = ?, expires_at = NULL,"
+                " finished_at = NULL, deliveries = 0, retries = 0, error = NULL,"
+                " traceback = NULL, result = NULL"
+                " WHERE id = ? AND state IN ('FAILURE', 'REVOKED', 'EXPIRED')",
+                (now, job_id),
+            )
+            return bool(cursor.rowcount == 1)
+
+    def jobs(self, state_filter: Sequence[str] | None, limit: int) -> list[JobRecord]:
+        if state_filter:
+            marks = ",".join("?" * len(state_filter))
+            rows = self._read(
+                f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE state IN ({marks})"
+                " ORDER BY rowid DESC LIMIT ?",
+                [*state_filter, limit],
+            )
+        else:
+            rows = self._read(
+                f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs ORDER BY rowid DESC LIMIT ?", [limit]
+            )
+        return [_job_record(row) for row in rows]
+
+    def counts(self, now: float) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for queue, state, number in self._read(
+            "SELECT queue, state, count(*) FROM forksafe_jobs GROUP BY queue, state"
+        ):
+            result.setdefault(queue, {})[state] = number
+        return result
+
+    def outstanding(self, queues: Sequence[str], now: float) -> int:
+        marks = ",".join("?" * len(queues))
+        rows = self._read(
+            f"SELECT count(*) FROM forksafe_jobs WHERE queue IN ({marks}) AND"
+            f" (state = 'STARTED' OR (state IN {_WAITING} AND (eta <= ? OR state = 'RETRY')))",
+            [*queues, now],
+        )
+        return int(rows[0][0])
+
+    def purge(self, state_filter: Sequence[str], finished_before: float | None) -> int:
+        if not state_filter:
+            return 0
+        marks = ",".join("?" * len(state_filter))
+        sql = f"DELETE FROM forksafe_jobs WHERE state IN ({marks})"
+        params: list[Any] = list(state_filter)
+        if finished_before is not None:
+            sql += " AND finished_at < ?"
+            params.append(finished_before)
+        with self._write() as cursor:
+            cursor.execute(sql, params)
+            return int(cursor.rowcount)
+
+    # -- workers ------------------------------------------------------------------
+
+    def report_worker(self, info: WorkerInfo) -> None:
+        with self._write() as cursor:
+            cursor.execute(
+                "INSERT INTO forksafe_workers (id, hostname, pid, supervisor_pid, queues,"
+                " started_at, heartbeat_at, jobs_done, current_job, stats)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET"
+                " heartbeat_at = excluded.heartbeat_at, jobs_done = excluded.jobs_done,"
+                " current_job = excluded.current_job, stats = excluded.stats",
+                (
+                    info.id,
+                    info.hostname,
+                    info.pid,
+                    info.supervisor_pid,
+                    ",".join(info.queues),
+                    info.started_at,
+                    info.heartbeat_at,
+                    info.jobs_done,
+                    info.current_job,
+                    json.dumps(dict(info.stats), default=str),
+                ),
+            )
+
+    def remove_worker(self, worker: str) -> None:
+        with self._write() as cursor:
+            cursor.execute("DELETE FROM forksafe_workers WHERE id = ?", (worker,))
+
+    def workers(self) -> list[WorkerInfo]:
+        rows = self._read(
+            "SELECT id, hostname, pid, supervisor_pid, queues, started_at, heartbeat_at,"
+            " jobs_done, current_job, stats FROM forksafe_workers ORDER BY started_at"
+        )
+        return [
+            WorkerInfo(
+                id=row[0],
+                hostname=row[1],
+                pid=row[2],
+                supervisor_pid=row[3],
+                queues=tuple(row[4].split(",")) if row[4] else (),
+                started_at=row[5],
+                heartbeat_at=row[6],
+                jobs_done=row[7],
+                current_job=row[8],
+                stats=json.loads(row[9]),
+            )
+            for row in rows
+        ]
+
+    # -- waiting ------------------------------------------------------------------
+
+    def wait(self, timeout: float) -> None:
+        """Return as soon as another connection commits, or after ``timeout`` seconds.
+
+        SQLite has no notifications; ``PRAGMA data_version`` changes whenever another
+        connection commits, and reading it costs microseconds, so this polls it
+        every 2 ms.
+        """
+        deadline = time.monotonic() + timeout
+        cursor = self._connection().cursor()
+        last = getattr(self._local, "data_version", None)
+        while True:
+            cursor.execute("PRAGMA data_version")
+            version = cursor.fetchone()[0]
+            if last is not None and version != last:
+                self._local.data_version = version
+                return
+            last = version
+            self._local.data_version = version
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(0.002, remaining))
+
+    def stats(self) -> dict[str, Any]:
+        stats = getattr(self._pool, "stats", None)
+        return dict(stats()) if callable(stats) else {}
+
+    def close(self) -> None:
+        close = getattr(self._pool, "close", None)
+        if callable(close):
+            close()
+
+
+def _job_record(row: Sequence[Any]) -> JobRecord:
+    return JobRecord(
+        id=row[0],
+        task=row[1],
+        queue=row[2],
+        state=row[3],
+        priority=row[4],
+        payload=row[5],
+        serializer=row[6],
+        eta=row[7],
+        expires_at=row[8],
+        retries=row[9],
+        deliveries=row[10],
+        worker=row[11],
+        created_at=row[12],
+        started_at=row[13],
+        finished_at=row[14],
+        result=row[15],
+        error=json.loads(row[16]) if row[16] else None,
+        traceback=row[17],
+    )

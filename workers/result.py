@@ -1,0 +1,172 @@
+"""Result handles: ask the broker what became of a job, from any process.
+
+``add.delay(2, 3)`` returns an :class:`AsyncResult`; ``AsyncResult(job_id, app=app)``
+rebuilds one from a bare id (in another process, a web request, the CLI). Every
+property reads the broker afresh; nothing is cached except final states.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
+from workers import states
+from workers.app import App, current_app
+from workers.brokers.base import JobRecord
+from workers.errors import JobExpired, JobRevoked, ResultTimeout, WorkersError
+from workers.failures import rebuild
+
+R = TypeVar("R")
+
+
+class AsyncResult(Generic[R]):
+    """The state and outcome of one job.
+
+    ``app`` defaults to the App created most recently in this process; with no App
+    at all, :class:`~workers.errors.WorkersError` is raised telling to pass one.
+    """
+
+    def __init__(self, id: str, app: App | None = None) -> None:
+        chosen = app or current_app()
+        if chosen is None:
+            raise WorkersError(f"AsyncResult({id!r}) has no App to ask; pass app=your_app")
+        self.id = id
+        self.app = chosen
+        self._final: JobRecord | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.id} {self.state}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def _record(self) -> JobRecord | None:
+        if self._final is not None:
+            return self._final
+        record = self.app.broker.fetch(self.id)
+        if record is not None and record.state in states.READY_STATES:
+            self._final = record
+        return record
+
+    @property
+    def state(self) -> str:
+        """One of :data:`workers.states.ALL_STATES`; ``PENDING`` for an unknown id."""
+        record = self._record()
+        return record.state if record is not None else states.PENDING
+
+    status = state
+
+    def ready(self) -> bool:
+        """Whether the job reached a final state (success, failure, revoked, expired)."""
+        return self.state in states.READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == states.SUCCESS
+
+    def failed(self) -> bool:
+        return self.state == states.FAILURE
+
+    @property
+    def result(self) -> Any:
+        """The return value on success, the rebuilt exception on failure, else ``None``."""
+        record = self._record()
+        if record is None:
+            return None
+        if record.state == states.SUCCESS:
+            return self._decode(record)
+        if record.error is not None and record.state in (states.FAILURE, states.RETRY):
+            return rebuild(record.error, record.traceback)
+        return None
+
+    @property
+    def traceback(self) -> str | None:
+        """The traceback text of the last failed attempt, if any."""
+        record = self._record()
+        return record.traceback if record is not None else None
+
+    @property
+    def info(self) -> Mapping[str, Any] | None:
+        """The raw failure record (``type``, ``message``, ``args``) of the last failed attempt."""
+        record = self._record()
+        return record.error if record is not None else None
+
+    @property
+    def worker(self) -> str | None:
+        """The id (``host:pid:...``) of the worker that last ran the job."""
+        record = self._record()
+        return record.worker if record is not None else None
+
+    def get(
+        self, timeout: float | None = None, propagate: bool = True, interval: float = 0.05
+    ) -> R:
+        """Wait for the job to finish and return its result.
+
+        Polls the broker (every millisecond at first, backing off to ``interval``).
+        Raises :class:`~workers.errors.ResultTimeout` after ``timeout`` seconds (wait
+        forever if ``None``). On failure, with ``propagate`` the task's exception is
+        re-raised (same type when it can be rebuilt, else
+        :class:`~workers.errors.TaskError`) with the worker's traceback attached as
+        ``remote_traceback``; without it the exception is returned.
+        A revoked or expired job raises :class:`~workers.errors.JobRevoked` or
+        :class:`~workers.errors.JobExpired` (returns ``None`` without ``propagate``).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            record = self._record()
+            if record is not None and record.state in states.READY_STATES:
+                return self._outcome(record, propagate)  # type: ignore[no-any-return]
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    state = record.state if record is not None else states.PENDING
+                    raise ResultTimeout(
+                        f"job {self.id} is still {state} after {timeout} s; wait longer "
+                        f"(get(timeout=...)) or check that a worker serves its queue"
+                    )
+                pause = min(pause, remaining)
+            time.sleep(pause)
+            pause = min(pause * 2, interval)
+
+    def _outcome(self, record: JobRecord, propagate: bool) -> Any:
+        if record.state == states.SUCCESS:
+            return self._decode(record)
+        if record.state == states.FAILURE:
+            exc = rebuild(record.error or {}, record.traceback)
+            if propagate:
+                raise exc
+            return exc
+        if not propagate:
+            return None
+        if record.state == states.REVOKED:
+            raise JobRevoked(f"job {self.id} ({record.task}) was revoked; it has no result")
+        raise JobExpired(
+            f"job {self.id} ({record.task}) expired before a worker started it; "
+            f"submit it again with a later expires= or add workers"
+        )
+
+    def _decode(self, record: JobRecord) -> Any:
+        if record.result is None:
+            return None
+        if record.serializer != self.app.serializer.name:
+            # Never decode with a serializer the App did not choose: that is how a
+            # JSON App would end up unpickling whatever someone wrote into the queue.
+            raise WorkersError(
+                f"job {self.id} was stored with the {record.serializer!r} serializer but "
+                f"this App uses {self.app.serializer.name!r}; read it with "
+                f"App(serializer={record.serializer!r})"
+            )
+        return self.app.serializer.loads(record.result)
+
+    def revoke(self) -> bool:
+        """Cancel the job if it has not finished; returns whether it was cancelled.
+
+        A job already running is not interrupted, but its outcome is discarded.
+        """
+        revoked = self.app.broker.revoke(self.id, time.time())
+        self._final = None
+        return revoked

@@ -1,0 +1,507 @@
+"""The worker: the loop a forked child runs until it is told to stop.
+
+Claim a batch of due jobs, run each, record each outcome under its lease, repeat.
+A background thread heartbeats: it extends the leases of held jobs, reports the
+worker's row (jobs done, pool stats), and notices when the supervisor has died, in
+which case the worker gives its jobs back and exits, even from inside a task that
+never returns.
+
+A :class:`Slot` (a few hundred bytes of shared memory made by the supervisor before
+the fork) tells the supervisor, without any database round trip, which job is
+running since when: that is how it enforces ``time_limit``.
+
+Exit codes tell the supervisor what happened: :data:`EXIT_STOPPED` (asked to stop,
+or ``--burst`` found the queue empty), :data:`EXIT_RECYCLE` (``max_tasks_per_child``
+or ``max_memory_per_child`` reached: replace me), :data:`EXIT_INIT_FAILED` (a worker
+init hook raised; the traceback is in the slot), anything else is a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from workers import states
+from workers.app import App, Task
+from workers.brokers.base import ClaimedJob, Outcome, WorkerInfo
+from workers.errors import (
+    CorruptPayloadError,
+    SerializationError,
+    SoftTimeLimitExceeded,
+    UnknownTaskError,
+    WorkersError,
+)
+from workers.failures import describe, format_traceback
+
+log = logging.getLogger("workers.worker")
+
+EXIT_STOPPED = 0
+EXIT_RECYCLE = 75
+EXIT_INIT_FAILED = 70
+EXIT_ORPHANED = 71
+
+OUTCOME_FLUSH_SECONDS = 0.05
+"""Outcomes of a prefetched batch are written together, but never held longer than this."""
+
+
+class Slot:
+    """Shared memory one worker writes and its supervisor reads.
+
+    Layout: heartbeat time, jobs done, start time of the running job (0 when idle),
+    its hard time limit (0 for none), its id, lease and task name, and the text of a
+    fatal error. Fields are read without locks; the supervisor re-reads the start
+    time to detect a torn read.
+    """
+
+    _HEAD = struct.Struct("<dqdd64s32s64sI")
+    _TEXT = 8192
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, self._HEAD.size + self._TEXT)
+
+    def _write_head(
+        self, started: float, limit: float, job: str, lease: str, task: str, jobs_done: int
+    ) -> None:
+        text_len = self._read()[7]
+        self._HEAD.pack_into(
+            self._map,
+            0,
+            time.time(),
+            jobs_done,
+            started,
+            limit,
+            job.encode()[:64],
+            lease.encode()[:32],
+            task.encode()[:64],
+            text_len,
+        )
+
+    def _read(self) -> tuple[Any, ...]:
+        return self._HEAD.unpack_from(self._map, 0)
+
+    def beat(self, jobs_done: int) -> None:
+        """Record that the worker is alive (between jobs)."""
+        _, _, started, limit, job, lease, task, _ = self._read()
+        self._HEAD.pack_into(
+            self._map, 0, time.time(), jobs_done, started, limit, job, lease, task, self._read()[7]
+        )
+
+    def begin(self, job: ClaimedJob, time_limit: float | None, jobs_done: int) -> None:
+        self._write_head(0.0, time_limit or 0.0, job.id, job.lease, job.task, jobs_done)
+        self._write_head(time.time(), time_limit or 0.0, job.id, job.lease, job.task, jobs_done)
+
+    def end(self, jobs_done: int) -> None:
+        self._write_head(0.0, 0.0, "", "", "", jobs_done)
+
+    def running(self) -> tuple[str, str, str, float, float] | None:
+        """``(job_id, lease, task, started, time_limit)`` of the running job, or ``None``."""
+        _, _, started, limit, job, lease, task, _ = self._read()
+        if not started:
+            return None
+        if self._read()[2] != started:
+            return None  # changed while we read it; look again next round
+        return (
+            job.rstrip(b"\0").decode(),
+            lease.rstrip(b"\0").decode(),
+            task.rstrip(b"\0").decode(),
+            started,
+            limit,
+        )
+
+    @property
+    def jobs_done(self) -> int:
+        return int(self._read()[1])
+
+    @property
+    def heartbeat(self) -> float:
+        return float(self._read()[0])
+
+    def set_error(self, text: str) -> None:
+        data = text.encode(errors="replace")[-self._TEXT :]
+        self._map[self._HEAD.size : self._HEAD.size + len(data)] = data
+        head = list(self._read())
+        head[7] = len(data)
+        self._HEAD.pack_into(self._map, 0, *head)
+
+    def error(self) -> str:
+        length = self._read()[7]
+        return self._map[self._HEAD.size : self._HEAD.size + length].decode(errors="replace")
+
+    def close(self) -> None:
+        self._map.close()
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker behaves; the same for every worker of one supervisor."""
+
+    queues: tuple[str, ...] = ("default",)
+    prefetch: int = 10
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: float | None = None
+    """Resident set size in MiB after which the worker is replaced (checked between jobs)."""
+    burst: bool = False
+    heartbeat_interval: float = 1.0
+    idle_wait: float = 0.25
+
+
+def worker_id(pid: int, nonce: str) -> str:
+    """The id under which a worker holds leases: ``host:pid:nonce``."""
+    return f"{socket.gethostname()}:{pid}:{nonce}"
+
+
+def rss_mib() -> float:
+    """This process's resident set size in MiB."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):  # not Linux: peak RSS is the best we have
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Worker:
+    """One worker process's loop. Build it in the child, then call :meth:`run`."""
+
+    def __init__(
+        self, app: App, config: WorkerConfig, slot: Slot, nonce: str, supervisor_pid: int
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.slot = slot
+        self.pid = os.getpid()
+        self.id = worker_id(self.pid, nonce)
+        self.supervisor_pid = supervisor_pid
+        self.started_at = time.time()
+        self.jobs_done = 0
+        self.stopping = threading.Event()
+        self.exit_code = EXIT_STOPPED
+        self._in_task = False
+        self._current: str | None = None
+        self._held: list[ClaimedJob] = []
+        self._finished = threading.Event()
+
+    # -- process setup ------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        """Replace the supervisor's handlers inherited through fork with the worker's."""
+        signal.signal(signal.SIGTERM, self._handle_stop)
+        signal.signal(signal.SIGINT, self._handle_stop)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.signal(signal.SIGALRM, self._handle_soft_limit)
+        for name in ("SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGUSR2"):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def _handle_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+
+    def _handle_soft_limit(self, signum: int, frame: FrameType | None) -> None:
+        if self._in_task:
+            raise SoftTimeLimitExceeded(
+                f"task {self._current} passed its soft_time_limit; catch "
+                f"SoftTimeLimitExceeded in the task to clean up, or raise the limit"
+            )
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped, drained (``burst``) or recycled; return the exit code."""
+        broker = self.app.broker
+        broker.report_worker(self._info())
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        log.debug("worker %s serving queues %s", self.id, ",".join(self.config.queues))
+        try:
+            while not self.stopping.is_set():
+                if os.getppid() != self.supervisor_pid:
+                    log.warning(
+                        "supervisor %d is gone; worker %d stops", self.supervisor_pid, self.pid
+                    )
+                    self.exit_code = EXIT_ORPHANED
+                    break
+                now = time.time()
+                jobs = broker.claim(
+                    self.id, self.config.queues, self.config.prefetch, self.app.lease_seconds, now
+                )
+                if not jobs:
+                    if self.config.burst and broker.outstanding(self.config.queues, now) == 0:
+                        log.debug("worker %d: queue drained (burst)", self.pid)
+                        break
+                    broker.wait(self.config.idle_wait)
+                    continue
+                self._run_batch(jobs)
+                if self._should_recycle():
+                    self.exit_code = EXIT_RECYCLE
+                    break
+        finally:
+            self.stopping.set()
+            if self._held:
+                broker.release(self.id, [job.id for job in self._held], time.time())
+            broker.remove_worker(self.id)
+            self._finished.set()
+            beat.join(timeout=self.config.heartbeat_interval + 1)
+        return self.exit_code
+
+    def _run_batch(self, jobs: list[ClaimedJob]) -> None:
+        self._held = list(jobs)
+        done: list[tuple[ClaimedJob, Outcome, float]] = []
+        last_flush = time.monotonic()
+        while self._held:
+            if self.stopping.is_set():
+                break
+            job = self._held[0]
+            started = time.monotonic()
+            outcome = self.execute(job)
+            self._held.pop(0)
+            done.append((job, outcome, time.monotonic() - started))
+            if not self._held or time.monotonic() - last_flush > OUTCOME_FLUSH_SECONDS:
+                self._flush(done)
+                done = []
+                last_flush = time.monotonic()
+        self._flush(done)
+
+    def _flush(self, done: Sequence[tuple[ClaimedJob, Outcome, float]]) -> None:
+        if not done:
+            return
+        stored = self.app.broker.record([outcome for _, outcome, _ in done], time.time())
+        for (job, outcome, seconds), kept in zip(done, stored, strict=True):
+            self.jobs_done += 1
+            state = outcome.state if kept else f"{outcome.state} (dropped: lease lost)"
+            extra = {
+                "task": job.task,
+                "job_id": job.id,
+                "outcome": outcome.state,
+                "duration_ms": round(seconds * 1000, 3),
+                "recorded": kept,
+            }
+            if outcome.state == states.SUCCESS:
+                log.info(
+                    "%s[%s] %s in %.1f ms", job.task, job.id, state, seconds * 1000, extra=extra
+                )
+            else:
+                message = (outcome.error or {}).get("message", "")
+                error_type = (outcome.error or {}).get("type", "")
+                log.warning(
+                    "%s[%s] %s in %.1f ms: %s: %s",
+                    job.task,
+                    job.id,
+                    state,
+                    seconds * 1000,
+                    error_type,
+                    message,
+                    extra=extra,
+                )
+        self.slot.beat(self.jobs_done)
+
+    def _should_recycle(self) -> bool:
+        limit = self.config.max_tasks_per_child
+        if limit is not None and self.jobs_done >= limit:
+            log.info(
+                "worker %d ran %d jobs (max_tasks_per_child); recycling", self.pid, self.jobs_done
+            )
+            return True
+        memory = self.config.max_memory_per_child
+        if memory is not None and (rss := rss_mib()) > memory:
+            log.info(
+                "worker %d uses %.0f MiB > max_memory_per_child %.0f MiB; recycling",
+                self.pid,
+                rss,
+                memory,
+            )
+            return True
+        return False
+
+    # -- one job ------------------------------------------------------------------
+
+    def execute(self, job: ClaimedJob) -> Outcome:
+        """Run one claimed job and describe how it ended (never raises for a task's error)."""
+        try:
+            task, args, kwargs = self._decode(job)
+        except WorkersError as exc:
+            return Outcome(
+                job.id,
+                job.lease,
+                states.FAILURE,
+                error=describe(exc),
+                traceback=format_traceback(exc),
+            )
+        options = task.options
+        self.slot.begin(job, options.time_limit, self.jobs_done)
+        self._current = f"{job.task}[{job.id}]"
+        try:
+            if options.soft_time_limit:
+                signal.setitimer(signal.ITIMER_REAL, options.soft_time_limit)
+            self._in_task = True
+            try:
+                value = task.func(*args, **kwargs)
+            finally:
+                self._in_task = False
+                if options.soft_time_limit:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+        except (Exception, SystemExit) as exc:
+            return self._failed(job, task, exc)
+        finally:
+            self.slot.end(self.jobs_done)
+            self._current = None
+        try:
+            result = self.app.serializer.dumps(value)
+        except SerializationError as exc:
+            error = SerializationError(
+                f"task {job.task} returned a {type(value).__name__} that the "
+                f"{self.app.serializer.name} serializer cannot carry ({exc}); return a "
+                f"JSON value or use App(serializer='pickle')"
+            )
+            return Outcome(
+                job.id,
+                job.lease,
+                states.FAILURE,
+                error=describe(error),
+                traceback=format_traceback(error),
+            )
+        return Outcome(job.id, job.lease, states.SUCCESS, result=result)
+
+    def _decode(self, job: ClaimedJob) -> tuple[Task[Any, Any], list[Any], dict[str, Any]]:
+        serializer = self.app.serializer
+        if job.serializer != serializer.name:
+            raise CorruptPayloadError(
+                f"job {job.id} was submitted with the {job.serializer!r} serializer but this "
+                f"App decodes only {serializer.name!r}; submit it from an App with the same "
+                f"serializer"
+            )
+        call = serializer.loads(job.payload)
+        if (
+            not isinstance(call, dict)
+            or not isinstance(call.get("args"), list)
+            or not isinstance(call.get("kwargs"), dict)
+        ):
+            raise CorruptPayloadError(
+                f"job {job.id} payload is not {{'args': [...], 'kwargs': {{...}}}}: "
+                f"{job.payload[:80]!r}"
+            )
+        task = self.app.tasks.get(job.task)
+        if task is None:
+            known = ", ".join(sorted(self.app.tasks)) or "none"
+            raise UnknownTaskError(
+                f"no task named {job.task!r} in this App (known: {known}); deploy the code "
+                f"that defines it or fix the name"
+            )
+        return task, call["args"], call["kwargs"]
+
+    def _failed(self, job: ClaimedJob, task: Task[Any, Any], exc: BaseException) -> Outcome:
+        options = task.options
+        text = format_traceback(exc, skip=1)
+        if isinstance(exc, options.retry_for) and job.retries < options.max_retries:
+            delay = options.retry_delay(job.retries)
+            log.info(
+                "%s[%s] retry %d/%d in %.2f s after %s: %s",
+                job.task,
+                job.id,
+                job.retries + 1,
+                options.max_retries,
+                delay,
+                type(exc).__name__,
+                exc,
+            )
+            return Outcome(
+                job.id,
+                job.lease,
+                states.RETRY,
+                error=describe(exc),
+                traceback=text,
+                retry_at=time.time() + delay,
+            )
+        return Outcome(job.id, job.lease, states.FAILURE, error=describe(exc), traceback=text)
+
+    # -- heartbeat ----------------------------------------------------------------
+
+    def _info(self) -> WorkerInfo:
+        stats: dict[str, Any] = {"broker": self.app.broker.stats(), "rss_mib": round(rss_mib(), 1)}
+        for name, pool in self.app.pools.items():
+            pool_stats = getattr(pool, "stats", None)
+            if callable(pool_stats):
+                try:
+                    stats[name] = dict(pool_stats())
+                except Exception as exc:  # a stats bug must not stop the heartbeat
+                    stats[name] = {"error": repr(exc)}
+        return WorkerInfo(
+            id=self.id,
+            hostname=socket.gethostname(),
+            pid=self.pid,
+            supervisor_pid=self.supervisor_pid,
+            queues=self.config.queues,
+            started_at=self.started_at,
+            heartbeat_at=time.time(),
+            jobs_done=self.jobs_done,
+            current_job=self._current,
+            stats=stats,
+        )
+
+    def _heartbeat_loop(self) -> None:
+        broker = self.app.broker
+        tick = min(0.25, self.config.heartbeat_interval)
+        next_beat = time.monotonic() + self.config.heartbeat_interval
+        while not self.stopping.wait(tick):
+            if os.getppid() != self.supervisor_pid:
+                self._abandon()
+                return
+            self.slot.beat(self.jobs_done)
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.config.heartbeat_interval
+                try:
+                    broker.extend_leases(self.id, self.app.lease_seconds, time.time())
+                    broker.report_worker(self._info())
+                except Exception:
+                    log.exception("worker %d heartbeat failed; will try again", self.pid)
+
+    def _abandon(self) -> None:
+        """The supervisor died: give the main loop a moment, then give jobs back and exit."""
+        self.stopping.set()
+        if self._finished.wait(2.0):
+            return  # the main loop was between jobs and has wound up by itself
+        log.warning(
+            "supervisor %d is gone and job %s is still running; worker %d gives its "
+            "jobs back and exits",
+            self.supervisor_pid,
+            self._current,
+            self.pid,
+        )
+        try:
+            broker = self.app.broker
+            broker.release_lost(self.id, self.app.max_deliveries, time.time())
+            broker.remove_worker(self.id)
+        finally:
+            os._exit(EXIT_ORPHANED)
+
+
+def worker_main(
+    app: App, config: WorkerConfig, slot: Slot, nonce: str, supervisor_pid: int
+) -> None:
+    """Entry point of a forked worker process; exits with one of the ``EXIT_*`` codes."""
+    worker = Worker(app, config, slot, nonce, supervisor_pid)
+    worker.install_signals()
+    try:
+        for hook in app.worker_init:
+            hook()
+    except BaseException as exc:
+        slot.set_error(format_traceback(exc))
+        sys.exit(EXIT_INIT_FAILED)
+    try:
+        code = worker.run()
+    except BaseException as exc:
+        slot.set_error(format_traceback(exc))
+        log.error("worker %d crashed: %s: %s", worker.pid, type(exc).__name__, exc)
+        sys.exit(1)
+    sys.exit(code)
