@@ -415,3 +415,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     removed = broker.purge(wanted, None)
     print(f"purged {removed} job(s) ({', '.join(wanted)})")
     return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

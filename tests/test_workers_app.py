@@ -1,0 +1,266 @@
+"""App, tasks and result handles: submitting, options, outcomes, errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_workers_harness import burst, load_tasks, write_tasks
+
+import workers
+from workers import App, AsyncResult, states
+from workers.app import TaskOptions
+from workers.errors import (
+    BrokerURLError,
+    JobExpired,
+    JobRevoked,
+    ResultTimeout,
+    SerializationError,
+    TaskError,
+    TaskRegistrationError,
+)
+
+TASKS = """
+import datetime
+
+class Unbuildable(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+@app.task
+def add(x, y):
+    return x + y
+
+@app.task(name="shout", queue="loud", priority=3)
+def shout(text, *, suffix="!"):
+    return text.upper() + suffix
+
+@app.task
+def fail(message):
+    raise KeyError(message)
+
+@app.task
+def fail_oddly():
+    raise Unbuildable(1, 2)
+
+@app.task
+def returns_date():
+    return datetime.date(2020, 1, 1)
+
+@app.task(max_retries=2, retry_backoff=0.05)
+def flaky(path):
+    import os
+    count = len(open(path).read()) if os.path.exists(path) else 0
+    open(path, "a").write("x")
+    if count < 2:
+        raise ConnectionError(f"attempt {count + 1}")
+    return count + 1
+"""
+
+
+@pytest.fixture
+def tasks(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return load_tasks(write_tasks(tmp_path, TASKS))
+
+
+def db_rows(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(tmp_path / "queue.db") as con:
+        return list(con.execute(sql))
+
+
+def test_plain_call_runs_inline(tasks) -> None:  # type: ignore[no-untyped-def]
+    assert tasks.add(2, 3) == 5
+    assert tasks.shout("hi", suffix="?") == "HI?"
+
+
+def test_delay_returns_a_pending_handle_and_get_times_out_clearly(tasks) -> None:  # type: ignore[no-untyped-def]
+    result = tasks.add.delay(2, 3)
+    assert result.state == states.PENDING
+    assert not result.ready()
+    with pytest.raises(ResultTimeout, match=f"job {result.id} is still PENDING after 0.05 s"):
+        result.get(timeout=0.05)
+
+
+def test_job_id_makes_submission_idempotent(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = tasks.add.apply_async((2, 3), job_id="k1")
+    second = tasks.add.apply_async((20, 30), job_id="k1")
+    assert first.id == second.id == "k1"
+    assert db_rows(tmp_path, "SELECT count(*), payload FROM forksafe_jobs") == [
+        (1, b'{"args":[2,3],"kwargs":{}}')
+    ]
+
+
+def test_apply_async_options_are_stored(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    before = time.time()
+    tasks.add.apply_async((2, 3), countdown=5, expires=60, priority=5, queue="fast", job_id="o")
+    tasks.shout.delay("x")
+    ((queue, state, priority, eta, expires),) = db_rows(
+        tmp_path, "SELECT queue, state, priority, eta, expires_at FROM forksafe_jobs WHERE id='o'"
+    )
+    assert (queue, state, priority) == ("fast", states.SCHEDULED, 5)
+    assert before + 5 <= eta <= time.time() + 5
+    assert before + 60 <= expires <= time.time() + 60
+    assert db_rows(tmp_path, "SELECT queue, priority FROM forksafe_jobs WHERE task='shout'") == [
+        ("loud", 3)
+    ]
+
+
+def test_map_submits_every_call_in_one_transaction(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    results = tasks.add.starmap([(i, i) for i in range(100)])
+    assert len({r.id for r in results}) == 100
+    with pytest.raises(SerializationError):
+        tasks.add.map([1, 2, object()])  # one bad call submits nothing
+    assert db_rows(tmp_path, "SELECT count(*) FROM forksafe_jobs") == [(100,)]
+
+
+def test_unserialisable_argument_is_refused_naming_the_argument_and_the_fix(tasks) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SerializationError) as caught:
+        tasks.add.delay(1, dt.datetime(2020, 1, 1))
+    message = str(caught.value)
+    assert "argument 1 (y)" in message
+    assert "datetime" in message
+    assert "isoformat" in message and "serializer='pickle'" in message
+    with pytest.raises(SerializationError, match="keyword argument 'suffix'"):
+        tasks.shout.delay("x", suffix={1, 2})
+
+
+def test_results_exceptions_and_retries_come_back_from_a_worker(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ok = tasks.add.delay(2, 3)
+    failed = tasks.fail.delay("missing")
+    odd = tasks.fail_oddly.delay()
+    bad_result = tasks.returns_date.delay()
+    flaky = tasks.flaky.delay(str(tmp_path / "attempts"))
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "2")
+
+    assert ok.get(timeout=5) == 5 and ok.successful() and ok.state == states.SUCCESS
+
+    assert failed.failed() and failed.ready()
+    with pytest.raises(KeyError, match="missing") as caught:
+        failed.get(timeout=5)
+    assert "raise KeyError(message)" in caught.value.remote_traceback  # type: ignore[attr-defined]
+    assert "raise KeyError(message)" in (failed.traceback or "")
+    assert isinstance(failed.get(propagate=False), KeyError)
+
+    with pytest.raises(TaskError, match="Unbuildable: 1/2") as wrapped:
+        odd.get(timeout=5)
+    assert wrapped.value.exc_type == "tasks.Unbuildable"
+    assert "raise Unbuildable(1, 2)" in (wrapped.value.remote_traceback or "")
+
+    with pytest.raises(SerializationError, match="returned a date"):
+        bad_result.get(timeout=5)
+
+    assert flaky.get(timeout=5) == 3
+    assert (tmp_path / "attempts").read_text() == "xxx"
+
+
+def test_async_result_is_rebuilt_from_an_id_in_another_process(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job = tasks.add.delay(20, 22)
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "1")
+    code = (
+        "from workers import App, AsyncResult\n"
+        f"app = App('sqlite:///{tmp_path / 'queue.db'}')\n"
+        f"r = AsyncResult({job.id!r}, app=app)\n"
+        "print(r.state, r.get(timeout=5), r.worker.split(':')[1].isdigit())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["SUCCESS", "42", "True"]
+
+
+def test_revoked_job_never_runs(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job = tasks.fail.delay("should not run")
+    assert job.revoke()
+    assert not job.revoke()  # already final
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "1")
+    assert job.state == states.REVOKED
+    with pytest.raises(JobRevoked, match=job.id):
+        job.get(timeout=1)
+
+
+def test_expired_job_never_runs(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job = tasks.fail.apply_async(("late",), expires=0.001)
+    time.sleep(0.01)  # let the expiry time pass (it is the point of the test)
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "1")
+    tasks.app.broker.sweep(10, time.time())
+    assert job.state == states.EXPIRED
+    with pytest.raises(JobExpired):
+        job.get(timeout=1)
+
+
+def test_submit_many_mixes_tasks_and_options(tasks) -> None:  # type: ignore[no-untyped-def]
+    results = tasks.app.submit_many(
+        [tasks.add.s(1, 2), tasks.shout.s("a").with_options(priority=9, job_id="s1")]
+    )
+    assert [r.id for r in results][1] == "s1"
+    record = tasks.app.broker.fetch("s1")
+    assert record is not None and record.priority == 9 and record.queue == "loud"
+
+
+def test_unknown_broker_scheme_suggests_the_fix_and_masks_the_password() -> None:
+    with pytest.raises(BrokerURLError) as caught:
+        App("sqlte:///x.db")
+    assert "did you mean 'sqlite'" in str(caught.value)
+    with pytest.raises(BrokerURLError) as caught:
+        App("postgress://bob:s3cret@db/app")
+    assert "s3cret" not in str(caught.value) and "bob:***@db" in str(caught.value)
+    with pytest.raises(BrokerURLError, match="in-memory"):
+        App("sqlite:///:memory:").broker  # noqa: B018
+
+
+def test_task_options_are_checked_when_declared(tmp_path: Path) -> None:
+    app = App(f"sqlite:///{tmp_path / 'q.db'}")
+    with pytest.raises(TaskRegistrationError, match="soft_time_limit=5 must be below"):
+        app.task(time_limit=5, soft_time_limit=5)(lambda: None)
+
+    @app.task(name="same")
+    def one() -> None: ...
+
+    with pytest.raises(TaskRegistrationError, match="two tasks are named 'same'"):
+
+        @app.task(name="same")
+        def two() -> None: ...
+
+
+def test_retry_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    options = TaskOptions(retry_backoff=True, retry_backoff_max=10)
+    for retries, full in [(0, 1), (1, 2), (2, 4), (3, 8), (4, 10), (9, 10)]:
+        delays = {options.retry_delay(retries) for _ in range(20)}
+        assert all(full / 2 <= d <= full for d in delays)
+        assert len(delays) > 1  # jitter
+    assert TaskOptions(retry_backoff=False).retry_delay(3) == 0
+    assert TaskOptions(retry_backoff=0.5, retry_jitter=False).retry_delay(2) == 2.0
+
+
+def test_pickle_serializer_carries_what_json_cannot(tmp_path: Path) -> None:
+    path = write_tasks(
+        tmp_path,
+        """
+app = App(app.broker_url, serializer="pickle")
+
+@app.task
+def call(func, value):
+    return func(value)
+""",
+    )
+    # Submitted from a script: dill carries a lambda of __main__ by value.
+    code = (
+        "from workers.loader import load_app\n"
+        f"app, tasks = load_app({str(path)!r})\n"
+        "print(tasks.call.delay(lambda v: {v, v + 1}, 1).id)\n"
+    )
+    submitted = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    burst(tmp_path, path, "--workers", "1")
+    tasks = load_tasks(path)
+    assert tasks.app.AsyncResult(submitted.stdout.strip()).get(timeout=5) == {1, 2}
+
+
+def test_package_exports_states_and_errors() -> None:
+    assert workers.SUCCESS == "SUCCESS" and workers.states.ALL_STATES[0] == "PENDING"
+    assert issubclass(workers.SerializationError, workers.WorkersError)
+    assert AsyncResult is workers.AsyncResult
