@@ -5,6 +5,7 @@ Imported by the other ``test_workers_*`` modules; its own tests check the helper
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -110,13 +111,11 @@ class Run:
         return sorted(pid for pid in children_of(self.pid) if alive(pid))
 
     def wait_for_workers(self, count: int, timeout: float = 20.0) -> list[int]:
-        return list(
-            wait_until(
-                lambda: (pids := self.workers()) if len(pids) == count else None,
-                timeout,
-                f"{count} workers (have {self.workers()}); log:\n{self.log}",
-            )
-        )
+        def exactly() -> list[int] | None:
+            pids = self.workers()
+            return pids if len(pids) == count else None
+
+        return list(wait_until(exactly, timeout, f"{count} workers; log:\n{self.log}"))
 
     def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
         wait_until(lambda: text in self.log, timeout, f"{text!r} in the log:\n{self.log}")
@@ -132,10 +131,8 @@ class Run:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait(10)
         self._log.close()
 

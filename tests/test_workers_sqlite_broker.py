@@ -46,7 +46,7 @@ def test_a_newer_schema_is_refused_with_the_fix(tmp_path: Path) -> None:
     with sqlite3.connect(broker.path) as con:
         con.execute("UPDATE forksafe_schema SET version = 99")
     other = create_broker(f"sqlite:///{broker.path}")
-    with pytest.raises(BrokerError, match="schema version 99, newer .* upgrade forksafe"):
+    with pytest.raises(BrokerError, match=r"schema version 99, newer .* upgrade forksafe"):
         other.setup()
 
 
