@@ -355,19 +355,19 @@ class Supervisor:
                 continue
             del self.workers[pid]
             released = self.app.broker.release_lost(handle.id, self.app.max_deliveries, time.time())
-            try:
-                self.app.broker.remove_worker(handle.id)
-            finally:
-                text = handle.slot.error()
-                handle.slot.close()
-                handle.process.close()
+            self.app.broker.remove_worker(handle.id)
+            text, jobs_done = handle.slot.error(), handle.slot.jobs_done
+            handle.slot.close()
+            handle.process.close()
             if released:
                 log.warning(
                     "worker %d died holding %d job(s); they went back to the queue", pid, released
                 )
-            self._judge_exit(pid, handle, code, text)
+            self._judge_exit(pid, handle, code, text, jobs_done)
 
-    def _judge_exit(self, pid: int, handle: WorkerHandle, code: int, text: str) -> None:
+    def _judge_exit(
+        self, pid: int, handle: WorkerHandle, code: int, text: str, jobs_done: int
+    ) -> None:
         if code == EXIT_STOPPED:
             log.debug("worker %d stopped", pid)
             if self.config.worker.burst and not handle.retiring:
@@ -375,10 +375,10 @@ class Supervisor:
             self._consecutive_crashes = 0
             return
         if code == EXIT_RECYCLE or handle.killed_by_us or handle.retiring:
-            log.info("worker %d exited (%s); replacing it", pid, _describe_exit(code))
+            log.info("worker %d exited (%s)", pid, _describe_exit(code))
             return
         young = time.monotonic() - handle.started < self.config.young_seconds
-        counted = young and handle.slot.jobs_done == 0 and -code not in EXTERNAL_KILLS
+        counted = young and jobs_done == 0 and -code not in EXTERNAL_KILLS
         if text and text != self._last_error:
             log.error("worker %d crashed (%s):\n%s", pid, _describe_exit(code), text.rstrip())
             self._last_error = text
@@ -394,15 +394,13 @@ class Supervisor:
             return
         self._consecutive_crashes += 1
         if self._consecutive_crashes >= self.config.crash_loop_limit:
-            raise CrashLoopError(
+            error = CrashLoopError(
                 f"workers crashed {self._consecutive_crashes} times in a row right after "
-                f"starting (last: {_describe_exit(code)}); stopping instead of restarting. "
-                + (
-                    f"The error was:\n{text.rstrip()}"
-                    if text
-                    else "See the log above for the cause."
-                )
+                f"starting (last: {_describe_exit(code)}); stopping instead of restarting "
+                f"them. The cause is in the worker error logged above; fix it and run again"
             )
+            error.worker_error = text  # type: ignore[attr-defined]
+            raise error
         delay = min(self.config.restart_delay_max, 0.1 * 2 ** (self._consecutive_crashes - 1))
         self._next_spawn = time.monotonic() + delay
         log.info("restarting in %.1f s", delay)

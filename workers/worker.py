@@ -234,7 +234,7 @@ class Worker:
                     break
                 now = time.time()
                 jobs = broker.claim(
-                    self.id, self.config.queues, self.config.prefetch, self.app.lease_seconds, now
+                    self.id, self.config.queues, self._claim_limit(), self.app.lease_seconds, now
                 )
                 if not jobs:
                     if self.config.burst and broker.outstanding(self.config.queues, now) == 0:
@@ -305,6 +305,13 @@ class Worker:
                     extra=extra,
                 )
         self.slot.beat(self.jobs_done)
+
+    def _claim_limit(self) -> int:
+        """``prefetch``, but never more than the jobs left before ``max_tasks_per_child``."""
+        limit = self.config.max_tasks_per_child
+        if limit is None:
+            return self.config.prefetch
+        return max(1, min(self.config.prefetch, limit - self.jobs_done))
 
     def _should_recycle(self) -> bool:
         limit = self.config.max_tasks_per_child

@@ -1,0 +1,252 @@
+"""The supervisor with real `forksafe run` processes: signals, limits, recycling, crashes."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_workers_harness import alive, burst, load_tasks, wait_until, write_tasks
+
+from workers import states
+from workers.errors import SoftTimeLimitExceeded, TimeLimitExceeded
+
+pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
+
+TASKS = """
+import os, time
+from workers import SoftTimeLimitExceeded
+
+@app.task
+def record(i, path):
+    with open(path, "a") as log:
+        log.write(f"{i} {os.getpid()}\\n")
+    return i
+
+@app.task
+def nap(seconds, marker=None):
+    if marker:
+        open(marker, "w").close()
+    time.sleep(seconds)
+    return os.getpid()
+
+@app.task(time_limit=1)
+def hang(marker):
+    open(marker, "w").close()
+    time.sleep(600)
+
+@app.task(soft_time_limit=0.3, time_limit=10)
+def cleans_up():
+    try:
+        time.sleep(10)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+
+@app.task(soft_time_limit=0.3, time_limit=10)
+def ignores_soft_limit():
+    time.sleep(10)
+
+@app.task
+def version():
+    return 1
+"""
+
+
+@pytest.fixture
+def tasks_path(tmp_path: Path) -> Path:
+    return write_tasks(tmp_path, TASKS)
+
+
+@pytest.fixture
+def tasks(tasks_path: Path) -> Any:
+    return load_tasks(tasks_path)
+
+
+def executions(path: Path) -> list[tuple[int, int]]:
+    if not path.exists():
+        return []
+    return [tuple(map(int, line.split())) for line in path.read_text().splitlines()]  # type: ignore[misc]
+
+
+def state_counts(tmp_path: Path) -> dict[str, int]:
+    with sqlite3.connect(tmp_path / "queue.db") as con:
+        return dict(con.execute("SELECT state, count(*) FROM forksafe_jobs GROUP BY state"))
+
+
+@pytest.mark.timeout(120)
+def test_2000_jobs_through_3_workers_each_succeed_exactly_once(tasks: Any, tmp_path: Path) -> None:
+    out = tmp_path / "runs.txt"
+    results = tasks.record.starmap([(i, str(out)) for i in range(2000)])
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "3", "--log-level", "warning")
+    assert state_counts(tmp_path) == {states.SUCCESS: 2000}
+    ran = executions(out)
+    assert sorted(i for i, _ in ran) == list(range(2000))  # each ran exactly once
+    assert len({pid for _, pid in ran}) == 3
+    assert [r.get(timeout=1) for r in results[:5]] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.timeout(60)
+def test_graceful_term_lets_running_jobs_finish(tasks: Any, tmp_path: Path, run_workers) -> None:  # type: ignore[no-untyped-def]
+    markers = [tmp_path / f"started-{i}" for i in range(2)]
+    jobs = [tasks.nap.delay(1.0, str(m)) for m in markers]
+    run = run_workers(tmp_path / "tasks.py", "--workers", "2")
+    wait_until(lambda: all(m.exists() for m in markers), 20, "both jobs to start")
+    run.signal(signal.SIGTERM)
+    assert run.wait(20) == 0
+    assert [job.state for job in jobs] == [states.SUCCESS, states.SUCCESS]
+    assert not run.workers()
+
+
+@pytest.mark.timeout(60)
+def test_jobs_past_the_graceful_timeout_are_killed_and_requeued(  # type: ignore[no-untyped-def]
+    tasks: Any, tmp_path: Path, run_workers
+) -> None:
+    marker = tmp_path / "started"
+    job = tasks.nap.delay(60, str(marker))
+    run = run_workers(tmp_path / "tasks.py", "--workers", "1", "--graceful-timeout", "0.5")
+    wait_until(marker.exists, 20, "the job to start")
+    started = time.monotonic()
+    run.signal(signal.SIGTERM)
+    assert run.wait(20) == 0
+    assert time.monotonic() - started < 10
+    assert job.state == states.PENDING  # back in the queue, not lost
+    assert "went back to the queue" in run.log
+
+
+@pytest.mark.timeout(60)
+def test_quit_stops_at_once_and_requeues_running_jobs(  # type: ignore[no-untyped-def]
+    tasks: Any, tmp_path: Path, run_workers
+) -> None:
+    marker = tmp_path / "started"
+    job = tasks.nap.delay(60, str(marker))
+    run = run_workers(tmp_path / "tasks.py", "--workers", "2")
+    wait_until(marker.exists, 20, "the job to start")
+    run.signal(signal.SIGQUIT)
+    assert run.wait(10) == 0
+    assert job.state == states.PENDING
+
+
+@pytest.mark.timeout(60)
+def test_hup_reloads_changed_code_and_replaces_every_worker(  # type: ignore[no-untyped-def]
+    tasks: Any, tasks_path: Path, tmp_path: Path, run_workers
+) -> None:
+    run = run_workers(tasks_path, "--workers", "2")
+    old = set(run.wait_for_workers(2))
+    assert tasks.version.delay().get(timeout=20) == 1
+    tasks_path.write_text(tasks_path.read_text().replace("return 1", "return 2"))
+    run.signal(signal.SIGHUP)
+    wait_until(
+        lambda: len(set(run.workers()) - old) == 2 and not set(run.workers()) & old,
+        20,
+        "two new workers and no old one",
+    )
+    assert tasks.version.delay().get(timeout=20) == 2
+
+
+@pytest.mark.timeout(60)
+def test_hup_with_broken_code_keeps_the_old_workers(  # type: ignore[no-untyped-def]
+    tasks: Any, tasks_path: Path, tmp_path: Path, run_workers
+) -> None:
+    run = run_workers(tasks_path, "--workers", "1")
+    old = run.wait_for_workers(1)
+    tasks_path.write_text(tasks_path.read_text() + "\ndef broken(:\n")
+    run.signal(signal.SIGHUP)
+    run.wait_for_log("reload failed")
+    assert "SyntaxError" in run.log
+    assert run.workers() == old
+    assert tasks.version.delay().get(timeout=20) == 1
+
+
+@pytest.mark.timeout(60)
+def test_ttin_and_ttou_scale_by_one(tasks_path: Path, run_workers) -> None:  # type: ignore[no-untyped-def]
+    run = run_workers(tasks_path, "--workers", "2")
+    run.wait_for_workers(2)
+    run.signal(signal.SIGTTIN)
+    run.wait_for_workers(3)
+    run.signal(signal.SIGTTOU)
+    run.wait_for_workers(2)
+    run.signal(signal.SIGTTOU)
+    run.wait_for_workers(1)
+    run.signal(signal.SIGTTOU)  # never below one
+    run.wait_for_log("SIGTTOU: 1 workers")
+    assert len(run.wait_for_workers(1)) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_loop_stops_the_supervisor_with_the_error_shown_once(  # type: ignore[no-untyped-def]
+    tmp_path: Path, run_workers
+) -> None:
+    path = write_tasks(
+        tmp_path,
+        """
+@app.on_worker_init
+def connect():
+    raise RuntimeError("database unreachable")
+""",
+    )
+    run = run_workers(path, "--workers", "3")
+    assert run.wait(30) == 3
+    log = run.log
+    assert log.count("RuntimeError: database unreachable") == 1
+    assert "crashed 5 times in a row right after starting" in log
+    assert log.count("same error as before") >= 3
+    assert not run.workers()
+
+
+@pytest.mark.timeout(60)
+def test_max_tasks_per_child_recycles_workers(tasks: Any, tmp_path: Path) -> None:
+    out = tmp_path / "runs.txt"
+    tasks.record.starmap([(i, str(out)) for i in range(40)])
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "2", "--max-tasks-per-child", "5")
+    ran = executions(out)
+    assert sorted(i for i, _ in ran) == list(range(40))
+    per_pid: dict[int, int] = {}
+    for _, pid in ran:
+        per_pid[pid] = per_pid.get(pid, 0) + 1
+    assert len(per_pid) >= 8 and max(per_pid.values()) <= 5
+
+
+@pytest.mark.timeout(60)
+def test_hard_time_limit_kills_the_worker_and_records_the_failure(  # type: ignore[no-untyped-def]
+    tasks: Any, tmp_path: Path, run_workers
+) -> None:
+    marker = tmp_path / "started"
+    job = tasks.hang.delay(str(marker))
+    run = run_workers(tmp_path / "tasks.py", "--workers", "1")
+    (first,) = run.wait_for_workers(1)
+    with pytest.raises(TimeLimitExceeded, match="time_limit of 1 s"):
+        job.get(timeout=20)
+    wait_until(lambda: not alive(first), 10, "the stuck worker to be killed")
+    assert tasks.version.delay().get(timeout=20) == 1  # a new worker carries on
+    assert run.workers() != [first]
+
+
+@pytest.mark.timeout(60)
+def test_soft_time_limit_raises_inside_the_task(tasks: Any, tmp_path: Path) -> None:
+    caught = tasks.cleans_up.delay()
+    uncaught = tasks.ignores_soft_limit.delay()
+    started = time.monotonic()
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "2")
+    assert time.monotonic() - started < 8
+    assert caught.get(timeout=1) == "cleaned up"
+    with pytest.raises(SoftTimeLimitExceeded, match="soft_time_limit"):
+        uncaught.get(timeout=1)
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_of_the_supervisor_leaves_no_worker_alive(  # type: ignore[no-untyped-def]
+    tasks: Any, tmp_path: Path, run_workers
+) -> None:
+    marker = tmp_path / "started"
+    job = tasks.nap.delay(600, str(marker))
+    run = run_workers(tmp_path / "tasks.py", "--workers", "3")
+    pids = run.wait_for_workers(3)
+    wait_until(marker.exists, 20, "the job to start")
+    run.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: not any(alive(pid) for pid in pids), 5, f"workers {pids} to exit")
+    assert time.monotonic() - killed < 5
+    assert job.state == states.PENDING  # the orphan gave its job back
