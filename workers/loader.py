@@ -94,7 +94,7 @@ def _import(target: Target, reload: bool) -> ModuleType:
             return importlib.reload(sys.modules[target.location])
         return importlib.import_module(target.location)
     except ModuleNotFoundError as exc:
-        if exc.name == target.location:
+        if exc.name and (target.location + ".").startswith(exc.name + "."):
             raise TasksImportError(
                 f"no module named {target.location!r}; give a path to a .py file or run "
                 f"from the directory that contains the package"

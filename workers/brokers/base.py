@@ -153,8 +153,8 @@ def create_broker(url: str | BrokerURL) -> Broker:
         if exc.name != module_name:
             raise
         raise BrokerURLError(
-            f"the {parsed.scheme} broker is not available in this version of workers "
-            f"({module_name} is missing); use a URL like {DEFAULT_URL!r}"
+            f"the {parsed.scheme} broker for {parsed.masked()!r} is not available in this "
+            f"version of workers ({module_name} is missing); use a URL like {DEFAULT_URL!r}"
         ) from None
     broker_class: type[Broker] = getattr(module, class_name)
     return broker_class(parsed)
