@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -50,13 +51,23 @@ def test_a_newer_schema_is_refused_with_the_fix(tmp_path: Path) -> None:
         other.setup()
 
 
-def test_busy_timeout_comes_from_the_url(tmp_path: Path) -> None:
-    broker = create_broker(f"sqlite:///{tmp_path / 'q.db'}?timeout=2.5&synchronous=full")
-    assert isinstance(broker, SQLiteBroker) and broker.busy_timeout == 2.5
+def test_a_writer_waits_for_the_lock_up_to_the_url_timeout(tmp_path: Path) -> None:
+    broker = create_broker(f"sqlite:///{tmp_path / 'q.db'}?timeout=0.3&synchronous=full")
+    assert isinstance(broker, SQLiteBroker) and broker.busy_timeout == 0.3
     broker.setup()
-    cursor = broker._connection().cursor()
-    cursor.execute("PRAGMA busy_timeout")
-    assert cursor.fetchone()[0] == 2500
+    holder = sqlite3.connect(broker.path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.1, holder.execute, ("COMMIT",))
+    release.start()
+    started = time.monotonic()
+    assert broker.enqueue([job("waited")], time.time()) == [True]
+    assert 0.05 < time.monotonic() - started < 0.3
+    release.join()
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(BrokerError, match=r"stayed locked for 0.3 s"):
+        broker.enqueue([job("gave-up")], time.time())
+    holder.execute("ROLLBACK")
+    holder.close()
 
 
 @pytest.mark.parametrize(
