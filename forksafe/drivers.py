@@ -1,0 +1,148 @@
+"""What each DB-API driver needs to be detached safely after fork, and what it can tell us.
+
+A connection inherited through ``fork()`` shares its socket with the parent. Closing
+it the usual way sends the server a protocol goodbye (PostgreSQL *Terminate*, MySQL
+*COM_QUIT*) that ends the parent's session too. :func:`discard` gets rid of such a
+connection without a byte reaching the server:
+
+1. find the connection's socket file descriptor (per driver);
+2. point the child's copy of that descriptor at ``/dev/null`` with :func:`os.dup2`,
+   so whatever the driver writes while closing goes nowhere;
+3. let the driver close, which now only frees memory and the child's descriptor.
+
+Where no descriptor can be found (an unknown driver, sqlite3 whose files the library
+owns), the connection is kept referenced for the life of the process so that no
+finaliser ever runs on it. This module is the only place that knows driver internals.
+
+:func:`in_transaction` reports whether a connection has a transaction open, where the
+driver can tell (``None`` where it cannot), so pools can roll back only when needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import suppress
+from typing import Any
+
+log = logging.getLogger("forksafe")
+
+__all__ = ["discard", "in_transaction", "socket_fd"]
+
+# Connections that could not be detached: referenced forever so no finaliser runs.
+_kept_alive: list[Any] = []
+
+
+def _module_of(con: Any) -> str:
+    return type(con).__module__ or ""
+
+
+def socket_fd(con: Any) -> int | None:
+    """Return the file descriptor of ``con``'s server socket, or None if unknown.
+
+    Never raises: a closed or half-built connection simply has no descriptor.
+    """
+    module = _module_of(con)
+    try:
+        if module.startswith("pymysql"):
+            sock = con._sock
+            return None if sock is None else int(sock.fileno())
+        if module.startswith("sqlite3"):
+            return None
+        # psycopg2, psycopg 3 and mysqlclient expose fileno() on the connection.
+        fileno = getattr(con, "fileno", None)
+        if callable(fileno):
+            fd = int(fileno())
+            return fd if fd >= 0 else None
+        sock = getattr(con, "_sock", None) or getattr(con, "socket", None)
+        if sock is not None and callable(getattr(sock, "fileno", None)):
+            fd = int(sock.fileno())
+            return fd if fd >= 0 else None
+    except Exception:
+        return None
+    return None
+
+
+def _blind_fd(fd: int) -> bool:
+    """Point descriptor ``fd`` at /dev/null in this process only. True on success."""
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        return False
+    finally:
+        os.close(devnull)
+    return True
+
+
+def discard(con: Any) -> None:
+    """Get rid of a connection inherited from another process without touching its session.
+
+    The server never hears of it: no goodbye, no rollback, no ``shutdown()`` of the socket.
+    The parent process keeps using its session undisturbed. Never raises.
+    """
+    if con is None:
+        return
+    module = _module_of(con)
+    if module.startswith("sqlite3"):
+        # SQLite owns its file descriptors and may checkpoint or unlink the WAL on
+        # close; the only safe thing in a forked child is to never close it.
+        _kept_alive.append(con)
+        return
+    fd = socket_fd(con)
+    if fd is None or not _blind_fd(fd):
+        if _is_closed(con):
+            return
+        log.debug("keeping inherited %s connection referenced: no socket to detach", module)
+        _kept_alive.append(con)
+        return
+    # The descriptor now points at /dev/null: the driver's goodbye goes nowhere.
+    if module.startswith("pymysql"):
+        # PyMySQL's close-without-quit; its close() would also work into the void.
+        with suppress(Exception):
+            con._force_close()
+        return
+    with suppress(Exception):
+        con.close()
+
+
+def _is_closed(con: Any) -> bool:
+    closed = getattr(con, "closed", None)
+    if isinstance(closed, bool):
+        return closed
+    if isinstance(closed, int):  # psycopg2: 0 open, 1/2 closed
+        return closed != 0
+    return False
+
+
+def in_transaction(con: Any) -> bool | None:
+    """Whether ``con`` has a transaction open; None when the driver cannot tell.
+
+    Cheap: reads client-side state only, never talks to the server.
+    """
+    try:
+        module = _module_of(con)
+        if module.startswith("psycopg2"):
+            # TRANSACTION_STATUS_IDLE == 0; anything else (active, in trans, error) counts.
+            return bool(con.info.transaction_status != 0)
+        if module.startswith("psycopg"):
+            return bool(con.info.transaction_status != 0)
+        if module.startswith("pymysql"):
+            if con._sock is None:
+                return False
+            # The server's last status: IN_TRANS (1) is reliable when set, but a read-only
+            # transaction holding a snapshot is not reported. Only AUTOCOMMIT (2) without
+            # IN_TRANS proves there is none.
+            status = con.server_status
+            if status & 1:
+                return True
+            return False if status & 2 else None
+        value = getattr(con, "in_transaction", None)
+        if isinstance(value, bool):
+            return value
+    except Exception:
+        return None
+    return None

@@ -1,0 +1,191 @@
+"""One fork hook for the whole process, and the registry of objects that care about fork.
+
+``os.register_at_fork`` is called once, at import. Fork-aware objects (pools, shelves of
+idle connections) register themselves in a weak set and implement three methods:
+
+``_fork_prepare()``
+    runs in the parent just before fork: take the object's lock, so that no thread is
+    half-way through changing its bookkeeping when the address space is copied;
+``_fork_parent()``
+    runs in the parent after fork: release that lock;
+``_fork_child()``
+    runs in the child after fork: give the object fresh locks and discard, never close,
+    every inherited connection (see :mod:`forksafe.drivers`).
+
+Some forks do not run Python's hooks (uWSGI forks its workers from C), so every object
+also remembers the pid it belongs to and calls its own reset when it is first used in
+another process; :func:`after_fork` runs those resets explicitly. Both paths are
+idempotent: an object is reset at most once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+log = logging.getLogger("forksafe")
+
+__all__ = [
+    "ForkAware",
+    "ProcessBound",
+    "after_fork",
+    "generation",
+    "note_process",
+    "register",
+    "reset_lock",
+]
+
+#: Bumped once in every new process (by the fork hook, or by the first pid check that
+#: notices the process changed). Comparing it is much cheaper than ``os.getpid()``, a
+#: system call; connections use it to notice cheaply that they may have been inherited.
+generation = 0
+_pid = os.getpid()
+
+
+def note_process() -> bool:
+    """Record that this may be a new process; True if it is (and bump :data:`generation`)."""
+    global generation, _pid
+    pid = os.getpid()
+    if pid == _pid:
+        return False
+    _pid = pid
+    generation += 1
+    return True
+
+
+class ForkAware(Protocol):
+    """What the fork hooks call on a registered object."""
+
+    def _fork_prepare(self) -> None: ...
+
+    def _fork_parent(self) -> None: ...
+
+    def _fork_child(self) -> None: ...
+
+    def _checkpid(self) -> None: ...
+
+
+class ProcessBound:
+    """Base for objects that belong to the process that uses them.
+
+    Subclasses set ``_pid`` and implement ``_fork_child()`` (which must set ``_pid`` to
+    the current pid); this class supplies the pid check and no-op lock hooks.
+    """
+
+    _pid: int
+
+    def _fork_prepare(self) -> None:
+        pass
+
+    def _fork_parent(self) -> None:
+        pass
+
+    def _fork_child(self) -> None:
+        raise NotImplementedError
+
+    def _checkpid(self) -> None:
+        """Run the child-side reset if this object is used in a new process."""
+        if self._pid != os.getpid():
+            with reset_lock():
+                if self._pid != os.getpid():
+                    note_process()
+                    self._fork_child()
+
+
+_registry: weakref.WeakSet[ForkAware] = weakref.WeakSet()
+_registry_lock = threading.Lock()
+# Objects whose lock the prepare hook took, released in the same process after fork.
+_prepared: list[ForkAware] = []
+
+
+def register(obj: ForkAware) -> None:
+    """Add ``obj`` to the registry; it is dropped automatically when garbage collected."""
+    with _registry_lock:
+        _registry.add(obj)
+
+
+_reset_lock = threading.Lock()
+
+
+@contextmanager
+def reset_lock() -> Iterator[None]:
+    """Serialise the pid-check resets of one process.
+
+    A fork that skipped the Python hooks may have copied this lock while another thread
+    held it; it would then stay locked forever in the child. Waiting a bounded time and
+    then replacing it is safe because a reset only rebuilds per-process state.
+    """
+    global _reset_lock
+    lock = _reset_lock
+    if not lock.acquire(timeout=2.0):
+        log.warning("forksafe: reset lock was inherited locked across fork; replacing it")
+        lock = _reset_lock = threading.Lock()
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _snapshot() -> list[ForkAware]:
+    return list(_registry)
+
+
+def _prepare() -> None:
+    _registry_lock.acquire()
+    # Pools never hold their lock during I/O, so each acquire below waits only for
+    # another thread's bookkeeping to finish.
+    for obj in _snapshot():
+        obj._fork_prepare()
+        _prepared.append(obj)
+
+
+def _release_prepared() -> list[ForkAware]:
+    objs = list(_prepared)
+    _prepared.clear()
+    for obj in objs:
+        obj._fork_parent()
+    _registry_lock.release()
+    return objs
+
+
+def _after_in_parent() -> None:
+    _release_prepared()
+
+
+def _after_in_child() -> None:
+    # The child owns copies of the locks the parent took: release them, then reset.
+    note_process()
+    objs = _release_prepared()
+    global _registry_lock, _reset_lock
+    _registry_lock = threading.Lock()
+    _reset_lock = threading.Lock()
+    for obj in objs:
+        try:
+            obj._fork_child()
+        except Exception:
+            log.exception("forksafe: resetting %r after fork failed", obj)
+
+
+def after_fork() -> None:
+    """Make every pool in this process drop what it inherited from its parent process.
+
+    Call it first thing in a process made by a fork that does not run Python's
+    ``os.register_at_fork`` hooks (uWSGI without ``py-call-uwsgi-fork-hooks``, C
+    extensions). Pools also do this on their own at first use in a new process, so this
+    only makes it happen at a known moment. Safe to call any number of times, in any
+    process: objects that already belong to this process are left alone.
+    """
+    note_process()
+    for obj in _snapshot():
+        obj._checkpid()
+
+
+os.register_at_fork(
+    before=_prepare, after_in_parent=_after_in_parent, after_in_child=_after_in_child
+)

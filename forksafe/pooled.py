@@ -1,0 +1,799 @@
+"""PooledDB: a pool of steady DB-API 2 connections that survives fork().
+
+Compatible with DBUtils' ``PooledDB`` (same parameters, positional order, defaults,
+proxies and errors), so ``from dbutils.pooled_db import PooledDB`` becomes
+``from forksafe.pooled_db import PooledDB``. What differs, and why:
+
+* **Fork.** The pool belongs to the process that uses it. In a forked child every
+  inherited idle connection is discarded without a byte sent to the server (the parent
+  keeps its sessions), a connection checked out before the fork is inert, and the child
+  opens its own connections on first use. This happens through ``os.register_at_fork``
+  and, for forks that skip Python's hooks (uWSGI), through a pid check at every checkout.
+* **Lazy.** Creating a pool opens nothing; ``mincached`` connections are made on the
+  first :meth:`PooledDB.connection` in the process that uses the pool, or by
+  :meth:`PooledDB.warm`. A pool built at import time in a prefork master is born empty
+  in every worker.
+* **No I/O under the lock.** Connecting, pinging, rolling back and closing happen outside
+  the pool lock, so one slow server round trip never stalls other threads or a fork.
+* **One set of idle connections per target.** Pools built in one process with identical
+  arguments share their idle connections, so the "new pool per call" mistake cannot grow
+  server sessions without bound; building many such pools also warns, naming the call site.
+
+Beyond DBUtils (keyword-only, all off by default):
+
+``maxwait``
+    seconds a ``blocking`` pool waits for a free slot before raising
+    :class:`~forksafe.errors.PoolTimeoutError` (DBUtils waits forever).
+``maxage``
+    seconds a connection may live; older ones are replaced at checkout, never in the
+    middle of a transaction. Each connection's limit is shortened by up to 10% at random
+    so a fleet of workers does not reconnect all at once.
+``maxidle``
+    seconds a connection may sit idle; set it below the server's ``wait_timeout``.
+``leaktime``
+    seconds after which a checked-out connection counts as leaked: a warning is logged on
+    ``forksafe`` with the stack of the checkout. A connection dropped without ``close()``
+    is reported too (and, as in DBUtils, returned to the pool).
+
+:meth:`PooledDB.stats` returns a dict of named counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from functools import total_ordering
+from typing import Any
+
+from forksafe import fork
+from forksafe.errors import (
+    InvalidConnection,
+    InvalidConnectionError,
+    NotSupportedError,
+    PooledDBError,
+    PoolTimeoutError,
+    TooManyConnections,
+    TooManyConnectionsError,
+)
+from forksafe.steady import SteadyDBConnection, connect
+
+__all__ = [
+    "InvalidConnection",
+    "InvalidConnectionError",
+    "ManyPoolsWarning",
+    "NotSupportedError",
+    "PoolTimeoutError",
+    "PooledDB",
+    "PooledDBError",
+    "PooledDedicatedDBConnection",
+    "PooledSharedDBConnection",
+    "SharedDBConnection",
+    "TooManyConnections",
+    "TooManyConnectionsError",
+]
+
+log = logging.getLogger("forksafe")
+
+#: How many pools for one target one process may build before the pool-per-call warning.
+MANY_POOLS = 4
+
+
+class ManyPoolsWarning(UserWarning):
+    """Many pools were built for the same target in one process: build one and share it."""
+
+
+def _threadsafety(creator: Any) -> int:
+    """DBUtils' rule: the creator's or its module's threadsafety; 1 for a plain function."""
+    for source in (creator, getattr(creator, "dbapi", None)):
+        value = getattr(source, "threadsafety", None)
+        if value is not None:
+            return int(value)
+    connect_ = getattr(creator, "connect", None)
+    if connect_ is not None and callable(connect_):
+        return 0
+    if callable(creator):
+        return 1
+    raise TypeError(
+        f"creator={creator!r} is neither a DB-API 2 module nor a callable returning"
+        " connections; pass e.g. psycopg2, pymysql, sqlite3 or functools.partial(connect, ...)"
+    )
+
+
+def _count(name: str, value: Any, allow_none: bool = True) -> int:
+    if value is None and allow_none:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a non-negative integer (0 means no limit)")
+    return value
+
+
+def _seconds(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive number of seconds or None")
+    return float(value)
+
+
+class _Shelf:
+    """The idle connections of every pool in this process built for one target.
+
+    ``deque.append`` and ``popleft`` are atomic, so pools take from and give to the
+    shelf without a lock; the lock only guards draining it.
+    """
+
+    def __init__(self) -> None:
+        self.idle: deque[SteadyDBConnection] = deque()
+        self.pools = 0  # pools alive on this shelf
+        self.built = 0  # pools ever built on it in this process
+        self.warned = False
+        self.lock = threading.Lock()
+
+    def drain(self, inherited_only: bool) -> list[SteadyDBConnection]:
+        """Remove and return the idle connections (only those of other processes if asked)."""
+        pid = os.getpid()
+        with self.lock:
+            keep: list[SteadyDBConnection] = []
+            gone: list[SteadyDBConnection] = []
+            while self.idle:
+                con = self.idle.popleft()
+                (gone if not inherited_only or con._pid != pid else keep).append(con)
+            self.idle.extend(keep)
+        return gone
+
+    def _fork_child(self) -> None:
+        self.lock = threading.Lock()
+
+
+_shelves: weakref.WeakValueDictionary[Any, _Shelf] = weakref.WeakValueDictionary()
+_shelves_lock = threading.Lock()
+
+
+def _shelf_for(key: Any) -> _Shelf:
+    try:
+        hash(key)
+    except TypeError:
+        return _Shelf()  # unhashable connect arguments: a private shelf
+    with _shelves_lock:
+        shelf = _shelves.get(key)
+        if shelf is None:
+            shelf = _shelves[key] = _Shelf()
+        return shelf
+
+
+class _Lease:
+    """When and where a connection was checked out (kept only when ``leaktime`` is set)."""
+
+    __slots__ = ("since", "stack", "warned")
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+        self.stack = "".join(traceback.format_stack(limit=12)[:-3])
+        self.warned = False
+
+
+class PooledDB(fork.ProcessBound):
+    """A pool of steady connections; see the module docstring.
+
+    creator: a DB-API 2 module or a callable returning new connections.
+    mincached: idle connections to open on first use (0: none).
+    maxcached: most idle connections to keep (0/None: no limit).
+    maxshared: most shared connections (0/None: every connection dedicated); sharing
+        needs a driver with ``threadsafety`` > 1.
+    maxconnections: most connections checked out at once (0/None: no limit).
+    blocking: at ``maxconnections``, wait (True) or raise TooManyConnectionsError.
+    maxusage: reopen a connection after this many operations (0/None: never).
+    setsession: SQL statements run on every new connection.
+    reset: on return, roll back always (True) or only after ``begin()`` (False). A
+        rollback the driver reports unnecessary (no transaction open) is skipped.
+    failures: exception class(es) that trigger a reconnect (default: the driver's
+        OperationalError, InterfaceError, InternalError).
+    ping: when to check connections: 0 never, 1 at checkout (default), 2 at cursor(),
+        4 at execute(), 7 always; or an SQL string / callable / (flags, check) tuple.
+    isfatal: called with a matching failure; False means it does not break the connection.
+    args, kwargs: passed to the creator.
+    maxwait, maxage, maxidle, leaktime: keyword-only, see the module docstring.
+
+    Raises ``TypeError`` for an unusable creator, ``ValueError`` for a negative or
+    non-integer size, and :class:`NotSupportedError` for a driver that is not thread-safe.
+    Opens no connection.
+    """
+
+    def __init__(
+        self,
+        creator: Any,
+        mincached: int = 0,
+        maxcached: int = 0,
+        maxshared: int = 0,
+        maxconnections: int = 0,
+        blocking: bool = False,
+        maxusage: int | None = None,
+        setsession: Sequence[str] | None = None,
+        reset: bool = True,
+        failures: type[Exception] | tuple[type[Exception], ...] | None = None,
+        ping: Any = 1,
+        isfatal: Callable[[Exception], bool] | None = None,
+        *args: Any,
+        maxwait: float | None = None,
+        maxage: float | None = None,
+        maxidle: float | None = None,
+        leaktime: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._shelf: _Shelf | None = None
+        threadsafety = _threadsafety(creator)
+        if not threadsafety:
+            raise NotSupportedError(
+                f"{getattr(creator, '__name__', creator)!r} has threadsafety=0: its"
+                " connections cannot be used by more than one thread, so they cannot be"
+                " pooled; use one connection per thread (PersistentDB) or another driver"
+            )
+        mincached = _count("mincached", mincached)
+        maxcached = _count("maxcached", maxcached)
+        maxshared = _count("maxshared", maxshared)
+        maxconnections = _count("maxconnections", maxconnections)
+        if maxusage is not None:
+            _count("maxusage", maxusage)
+        if maxcached and maxcached < mincached:
+            raise ValueError(
+                f"maxcached={maxcached} is below mincached={mincached}: the pool could never"
+                " keep the connections it warms up; raise maxcached or set it to 0 (no limit)"
+            )
+        self._creator = creator
+        self._args, self._kwargs = args, kwargs
+        self._blocking = blocking
+        self._maxusage = maxusage
+        self._setsession = setsession
+        self._reset = reset
+        self._failures = failures
+        self._isfatal = isfatal
+        self._ping = ping
+        self._mincached = mincached
+        self._maxcached = maxcached
+        self._maxshared = maxshared if threadsafety > 1 else 0
+        if maxconnections:
+            maxconnections = max(maxconnections, maxcached, maxshared)
+        self._maxconnections = maxconnections
+        self._maxwait = _seconds("maxwait", maxwait)
+        self._maxage = _seconds("maxage", maxage)
+        self._maxidle = _seconds("maxidle", maxidle)
+        self._leaktime = _seconds("leaktime", leaktime)
+        # A steady connection's behaviour is fixed by these; pools that agree on all of
+        # them hand out interchangeable connections and can share idle ones.
+        self._key = (
+            creator,
+            args,
+            tuple(sorted(kwargs.items())),
+            maxusage,
+            tuple(setsession) if setsession else None,
+            failures,
+            ping,
+            isfatal,
+        )
+        self._reset_process_state()
+        self._warn_if_many_pools()
+        fork.register(self)
+
+    # -- per-process state ----------------------------------------------------------
+
+    def _reset_process_state(self) -> None:
+        """Fresh lock, counters and caches for the current process; opens nothing."""
+        self._pid = os.getpid()
+        self._lock = threading.Condition(threading.Lock())
+        self._connections = 0  # checked-out dedicated connections + shared entries
+        self._shared_cache: list[SharedDBConnection] = []
+        self._shared_pending = 0
+        self._warm = not self._mincached
+        self._leases: dict[int, _Lease] = {}
+        self._stats = dict.fromkeys(
+            (
+                "connections_created",
+                "connections_closed",
+                "connections_discarded_after_fork",
+                "connections_recycled",
+                "reconnects",
+                "checkouts",
+                "waits",
+                "wait_ms",
+                "timeouts",
+                "leaks",
+            ),
+            0,
+        )
+        shelf = _shelf_for(self._key)
+        if shelf is not self._shelf:
+            shelf.pools += 1
+            shelf.built += 1
+            self._shelf = shelf
+
+    def _warn_if_many_pools(self) -> None:
+        shelf = self._shelf
+        assert shelf is not None
+        if shelf.built > MANY_POOLS and not shelf.warned:
+            shelf.warned = True
+            message = (
+                f"{shelf.built} PooledDB instances were built for the same database in this"
+                " process; build one pool at module level and share it (these pools share"
+                " their idle connections, so sessions stay bounded)"
+            )
+            log.warning("%s", message)
+            warnings.warn(message, ManyPoolsWarning, stacklevel=3)
+
+    def _fork_prepare(self) -> None:
+        self._lock.acquire()
+
+    def _fork_parent(self) -> None:
+        self._lock.release()
+
+    def _fork_child(self) -> None:
+        """In a forked child: discard every inherited connection and start empty."""
+        shelf = self._shelf
+        inherited = [sc.con for sc in self._shared_cache]
+        if shelf is not None:
+            shelf._fork_child()
+            inherited += shelf.drain(inherited_only=True)
+        self._reset_process_state()
+        for con in inherited:
+            con._discard()
+        self._stats["connections_discarded_after_fork"] += len(inherited)
+
+    # -- checkout -------------------------------------------------------------------
+
+    def steady_connection(self) -> SteadyDBConnection:
+        """Open a new steady connection that is not part of the pool."""
+        return connect(
+            self._creator,
+            self._maxusage,
+            self._setsession,
+            self._failures,
+            self._ping,
+            True,
+            self._isfatal,
+            *self._args,
+            **self._kwargs,
+        )
+
+    def _open(self) -> SteadyDBConnection:
+        con = self.steady_connection()
+        con._jitter = 1.0 - 0.1 * random.random()
+        self._stats["connections_created"] += 1
+        return con
+
+    def warm(self) -> None:
+        """Open connections until ``mincached`` are idle. Normally done at first checkout."""
+        self._checkpid()
+        self._warm = True
+        shelf = self._shelf
+        assert shelf is not None
+        for _ in range(self._mincached - len(shelf.idle)):
+            shelf.idle.append(self._open())
+
+    def _expired(self, con: SteadyDBConnection, now: float) -> bool:
+        if self._maxage is not None and now - con._created_at > self._maxage * con._jitter:
+            return True
+        return self._maxidle is not None and now - con._idle_since > self._maxidle
+
+    def _ready(self, con: SteadyDBConnection | None) -> SteadyDBConnection:
+        """Turn an idle connection (or None) into one fit to hand out; I/O, outside the lock."""
+        recycling = self._maxage is not None or self._maxidle is not None
+        if con is not None and recycling and self._expired(con, time.monotonic()):
+            self._stats["connections_recycled"] += 1
+            self._close_con(con)
+            con = None
+        if con is None:
+            return self._open()
+        con._ping_check()
+        return con
+
+    def _wait(self, deadline: float | None) -> None:
+        """Wait (lock held) for a connection to be returned, or raise."""
+        if not self._blocking:
+            raise TooManyConnectionsError(
+                f"maxconnections={self._maxconnections} reached and blocking=False; raise"
+                " maxconnections, return connections sooner, or set blocking=True"
+            )
+        if deadline is None:
+            self._lock.wait()
+            return
+        remaining = deadline - time.monotonic()
+        woken = remaining > 0 and self._lock.wait(remaining)
+        if not woken and deadline - time.monotonic() <= 0:
+            self._stats["timeouts"] += 1
+            raise PoolTimeoutError(
+                f"no connection became free within maxwait={self._maxwait}s"
+                f" (maxconnections={self._maxconnections} in use); raise maxconnections"
+                " or maxwait, or return connections sooner"
+            )
+
+    def _deadline(self) -> float | None:
+        return None if self._maxwait is None else time.monotonic() + self._maxwait
+
+    def connection(self, shareable: bool = True) -> Any:
+        """Check out a connection; ``close()`` it (or use ``with``) to give it back.
+
+        With ``shareable`` and ``maxshared``, the connection may be shared with other
+        threads. At ``maxconnections`` a non-blocking pool raises
+        :class:`TooManyConnectionsError`; a blocking one waits, at most ``maxwait``
+        seconds if set (then :class:`PoolTimeoutError`). Connect errors from the driver
+        propagate; the slot they took is given back.
+        """
+        if self._pid != os.getpid():
+            self._checkpid()
+        if not self._warm:
+            self.warm()
+        if shareable and self._maxshared:
+            return self._shared_connection()
+        lock = self._lock
+        idle = self._shelf.idle  # type: ignore[union-attr]
+        with lock:  # critical section: take a slot and an idle connection
+            if self._maxconnections and self._connections >= self._maxconnections:
+                self._wait_for_slot()
+            self._connections += 1
+            self._stats["checkouts"] += 1
+            con = idle.popleft() if idle else None
+        try:
+            con = self._ready(con)
+        except BaseException:
+            self._give_back_slot()
+            raise
+        return PooledDedicatedDBConnection(self, con)
+
+    def _wait_for_slot(self) -> None:
+        deadline = self._deadline()
+        started = time.monotonic()
+        self._stats["waits"] += 1
+        try:
+            while self._connections >= self._maxconnections:
+                self._wait(deadline)
+        finally:
+            self._stats["wait_ms"] += int((time.monotonic() - started) * 1000)
+
+    def _give_back_slot(self) -> None:
+        with self._lock:
+            self._connections -= 1
+            self._lock.notify()
+
+    def dedicated_connection(self) -> Any:
+        """Check out a connection that is never shared: ``connection(shareable=False)``."""
+        return self.connection(False)
+
+    def _shared_connection(self) -> PooledSharedDBConnection:
+        deadline = self._deadline()
+        lock = self._lock
+        shared: SharedDBConnection | None = None
+        with lock:
+            while True:
+                while (
+                    not self._shared_cache
+                    and self._maxconnections
+                    and self._connections >= self._maxconnections
+                ):
+                    self._wait(deadline)
+                if len(self._shared_cache) + self._shared_pending < self._maxshared:
+                    self._connections += 1
+                    self._shared_pending += 1
+                    idle = self._shelf.idle  # type: ignore[union-attr]
+                    con = idle.popleft() if idle else None
+                    break
+                if not self._shared_cache:
+                    self._wait(deadline)
+                    continue
+                self._shared_cache.sort()  # least shared first
+                shared = self._shared_cache[0]
+                if shared.con._transaction:
+                    self._wait(deadline)  # never share a connection inside a transaction
+                    continue
+                shared.share()
+                break
+            self._stats["checkouts"] += 1
+        if shared is not None:
+            shared.con._ping_check()
+            return PooledSharedDBConnection(self, shared)
+        try:
+            ready = self._ready(con)
+        except BaseException:
+            with lock:
+                self._connections -= 1
+                self._shared_pending -= 1
+                lock.notify()
+            raise
+        shared = SharedDBConnection(ready)
+        with lock:
+            self._shared_pending -= 1
+            self._shared_cache.append(shared)
+            lock.notify()
+        return PooledSharedDBConnection(self, shared)
+
+    # -- return ---------------------------------------------------------------------
+
+    def unshare(self, con: SharedDBConnection) -> None:
+        """Release one share of a shared connection; the last one returns it to the pool."""
+        with self._lock:
+            con.unshare()
+            shared = con.shared
+            if not shared:
+                with suppress(ValueError):
+                    self._shared_cache.remove(con)
+        if not shared:
+            self.cache(con.con)
+
+    def cache(self, con: SteadyDBConnection) -> None:
+        """Return a connection: roll back as ``reset`` says, then keep or close it."""
+        if con._pid != os.getpid():
+            con._discard()  # checked out before a fork: not ours to reuse or close
+            return
+        if con._reconnects:
+            self._stats["reconnects"] += con._reconnects
+            con._reconnects = 0
+        con._reset(force=self._reset)
+        shelf = self._shelf
+        assert shelf is not None
+        with self._lock:  # critical section: hand back the slot, shelve or drop
+            self._connections -= 1
+            keep = not con._closed and (not self._maxcached or len(shelf.idle) < self._maxcached)
+            if keep:
+                con._idle_since = time.monotonic()
+                shelf.idle.append(con)
+            self._lock.notify()
+        if not keep:
+            self._close_con(con)
+
+    def _close_con(self, con: SteadyDBConnection) -> None:
+        if not con._closed:
+            self._stats["connections_closed"] += 1
+        con._close()
+
+    # -- leaks ----------------------------------------------------------------------
+
+    def _lease(self, proxy: object) -> None:
+        lease = _Lease()
+        now = lease.since
+        assert self._leaktime is not None
+        with self._lock:
+            self._leases[id(proxy)] = lease
+            overdue = [
+                old
+                for old in self._leases.values()
+                if not old.warned and now - old.since > self._leaktime
+            ]
+            for old in overdue:
+                old.warned = True
+            self._stats["leaks"] += len(overdue)
+        for old in overdue:
+            log.warning(
+                "forksafe: a connection has been checked out for %.1fs (leaktime=%ss);"
+                " checked out at:\n%s",
+                now - old.since,
+                self._leaktime,
+                old.stack,
+            )
+
+    def _release_lease(self, proxy: object, dropped: bool) -> None:
+        with self._lock:
+            lease = self._leases.pop(id(proxy), None)
+        if lease is None:
+            return
+        held = time.monotonic() - lease.since
+        if dropped:
+            with self._lock:
+                self._stats["leaks"] += 0 if lease.warned else 1
+            log.warning(
+                "forksafe: a connection was garbage collected without close() after %.1fs;"
+                " it went back to the pool. Checked out at:\n%s",
+                held,
+                lease.stack,
+            )
+        elif not lease.warned and self._leaktime is not None and held > self._leaktime:
+            with self._lock:
+                self._stats["leaks"] += 1
+            log.warning(
+                "forksafe: a connection was held for %.1fs (leaktime=%ss); checked out at:\n%s",
+                held,
+                self._leaktime,
+                lease.stack,
+            )
+
+    # -- whole pool -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Named counters for this pool in this process, safe to log or export as-is.
+
+        ``idle`` counts the idle connections shared with identical pools, ``in_use`` this
+        pool's checked-out connections; the rest count events since the process started
+        using the pool.
+        """
+        self._checkpid()
+        with self._lock:
+            stats = dict(self._stats)
+            stats["in_use"] = self._connections
+            stats["idle"] = len(self._shelf.idle)  # type: ignore[union-attr]
+            stats["shared"] = len(self._shared_cache)
+            stats["maxconnections"] = self._maxconnections
+        return stats
+
+    def close(self) -> None:
+        """Close the idle and shared connections; checked-out ones close when returned.
+
+        The pool stays usable (as in DBUtils): a later checkout opens new connections.
+        In a forked child it closes nothing of the parent's; it only forgets them.
+        """
+        self._checkpid()
+        shelf = self._shelf
+        gone = shelf.drain(inherited_only=False) if shelf is not None else []
+        with self._lock:
+            if self._shared_cache:
+                gone += [sc.con for sc in self._shared_cache]
+                self._connections -= len(self._shared_cache)
+                self._shared_cache.clear()
+            self._warm = not self._mincached
+            self._lock.notify_all()
+        for con in gone:
+            self._close_con(con)
+
+    def __del__(self) -> None:
+        shelf = getattr(self, "_shelf", None)
+        if shelf is None:
+            return
+        shelf.pools -= 1
+        if shelf.pools <= 0 or self._shared_cache:
+            with suppress(Exception):
+                self.close()
+
+    def __enter__(self) -> PooledDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PooledDedicatedDBConnection:
+    """A checked-out connection: everything is delegated to the steady connection;
+    ``close()`` (or leaving a ``with`` block) returns it to the pool.
+
+    Used after it was returned, or in a forked child, it raises
+    :class:`InvalidConnectionError`.
+    """
+
+    def __init__(self, pool: PooledDB, con: SteadyDBConnection) -> None:
+        self._con: SteadyDBConnection | None = None
+        if not con.threadsafety():
+            raise NotSupportedError("the driver's connections are not thread-safe (threadsafety=0)")
+        self._pool = pool
+        self._con = con
+        if pool._leaktime is not None:
+            pool._lease(self)
+
+    def close(self) -> None:
+        """Return the connection to the pool. Idempotent."""
+        con = self._con
+        if con is not None:
+            self._con = None
+            if self._pool._leaktime is not None:
+                self._pool._release_lease(self, dropped=False)
+            self._pool.cache(con)
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        """A tough cursor on the connection."""
+        con = self._con
+        if con is None:
+            raise InvalidConnectionError("this connection was already returned to its pool")
+        return con.cursor(*args, **kwargs)
+
+    def commit(self) -> None:
+        """Commit the current transaction."""
+        self._live().commit()
+
+    def rollback(self) -> None:
+        """Roll back the current transaction."""
+        self._live().rollback()
+
+    def _live(self) -> SteadyDBConnection:
+        con = self._con
+        if con is None:
+            raise InvalidConnectionError("this connection was already returned to its pool")
+        return con
+
+    def __getattr__(self, name: str) -> Any:
+        con = self.__dict__.get("_con")
+        if con is not None:
+            return getattr(con, name)
+        raise InvalidConnectionError(
+            f"this connection was already returned to its pool; cannot get {name!r}"
+        )
+
+    def __enter__(self) -> PooledDedicatedDBConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        con = self.__dict__.get("_con")
+        if con is None:
+            return
+        with suppress(Exception):
+            self._con = None
+            pool = self._pool
+            if pool._leaktime is not None:
+                pool._release_lease(self, dropped=True)
+            pool.cache(con)
+
+
+@total_ordering
+class SharedDBConnection:
+    """A connection in the shared cache with its number of current users."""
+
+    def __init__(self, con: SteadyDBConnection) -> None:
+        self.con = con
+        self.shared = 1
+
+    def __lt__(self, other: SharedDBConnection) -> bool:
+        if self.con._transaction == other.con._transaction:
+            return self.shared < other.shared
+        return not self.con._transaction
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def share(self) -> None:
+        """Count one more user."""
+        self.shared += 1
+
+    def unshare(self) -> None:
+        """Count one user fewer."""
+        self.shared -= 1
+
+
+class PooledSharedDBConnection:
+    """A share of a shared connection; ``close()`` gives the share back."""
+
+    def __init__(self, pool: PooledDB, shared_con: SharedDBConnection) -> None:
+        self._con: SteadyDBConnection | None = None
+        con = shared_con.con
+        if not con.threadsafety() > 1:
+            raise NotSupportedError(
+                "the driver's connections cannot be shared between threads (threadsafety < 2)"
+            )
+        self._pool = pool
+        self._shared_con: SharedDBConnection | None = shared_con
+        self._con = con
+
+    def close(self) -> None:
+        """Give the share back; the last share returns the connection to the pool."""
+        if self._con is not None:
+            shared = self._shared_con
+            self._shared_con = self._con = None
+            if shared is not None:
+                if shared.con._pid != os.getpid():
+                    return  # inherited through fork: the pool already forgot it
+                self._pool.unshare(shared)
+
+    def __getattr__(self, name: str) -> Any:
+        con = self.__dict__.get("_con")
+        if con is not None:
+            return getattr(con, name)
+        raise InvalidConnectionError(
+            f"this connection was already returned to its pool; cannot get {name!r}"
+        )
+
+    def __enter__(self) -> PooledSharedDBConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with suppress(Exception):
+            self.close()

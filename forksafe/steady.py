@@ -1,0 +1,688 @@
+"""SteadyDB: a "tough" DB-API 2 connection that reconnects by itself and knows its process.
+
+A :class:`SteadyDBConnection` wraps one driver connection, made with ``creator``
+(a DB-API 2 module or any callable returning a connection). Outside a transaction it
+transparently replaces a connection that failed with one of ``failures`` (by default the
+module's ``OperationalError``, ``InterfaceError`` and ``InternalError``) and retries the
+statement once; inside a transaction (after :meth:`~SteadyDBConnection.begin`) it raises,
+because the work done so far is lost. It reopens the connection after ``maxusage``
+operations, runs ``setsession`` statements on every (re)connect and pings according to
+the ``ping`` flags (0 never, 1 when ``_ping_check()`` is called, i.e. when a pool hands it
+out, 2 when a cursor is created, 4 when a statement is executed, 7 always).
+
+This is DBUtils' SteadyDB with the same parameters, defaults and behaviour, plus one
+guarantee: a connection remembers the process that opened it. Used in another process
+(it was inherited through ``fork()``), it raises :class:`~forksafe.errors.ForkedConnectionError`;
+closed or garbage-collected there, it is *discarded* (see :mod:`forksafe.drivers`)
+so the parent's session never receives a goodbye.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from forksafe import drivers, fork
+from forksafe.errors import ForkedConnectionError, InvalidCursorError, SteadyDBError
+
+__all__ = [
+    "InvalidCursor",
+    "InvalidCursorError",
+    "SteadyDBConnection",
+    "SteadyDBCursor",
+    "SteadyDBError",
+    "connect",
+]
+
+InvalidCursor = InvalidCursorError
+
+_PING_ERROR = (
+    "'ping' must be an integer, an SQL statement, a callable,"
+    " or a tuple with an integer and one of the latter"
+)
+
+Pinger = Callable[[Any], Any]
+
+
+def _sql_pinger(sql: str) -> Pinger:
+    def pinger(con: Any) -> None:
+        cursor = con.cursor()
+        try:
+            cursor.execute(sql)
+        finally:
+            with suppress(Exception):
+                cursor.close()
+
+    return pinger
+
+
+def parse_ping(ping: Any) -> tuple[int, Pinger | None]:
+    """Split DBUtils' ``ping`` argument into (flags, check function or None)."""
+    pinger: Any
+    if isinstance(ping, tuple):
+        try:
+            ping, pinger = ping
+        except ValueError:
+            raise TypeError(_PING_ERROR) from None
+    elif isinstance(ping, str) or callable(ping):
+        ping, pinger = 1, ping
+    else:
+        pinger = None
+    if isinstance(pinger, str):
+        pinger = _sql_pinger(pinger)
+    elif pinger is not None and not callable(pinger):
+        raise TypeError(_PING_ERROR)
+    return (ping if isinstance(ping, int) else 0), pinger
+
+
+def _parent_module(name: str | None) -> Any:
+    """Walk up a dotted module name to the first module with a callable ``connect``."""
+    while name:
+        module = sys.modules.get(name)
+        if module is not None and callable(getattr(module, "connect", None)):
+            return module
+        name = name.rpartition(".")[0]
+    return None
+
+
+def connect(
+    creator: Any,
+    maxusage: int | None = None,
+    setsession: Sequence[str] | None = None,
+    failures: type[Exception] | tuple[type[Exception], ...] | None = None,
+    ping: Any = 1,
+    closeable: bool = True,
+    isfatal: Callable[[Exception], bool] | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> SteadyDBConnection:
+    """Open a tough connection; the parameters are those of :class:`SteadyDBConnection`."""
+    return SteadyDBConnection(
+        creator, maxusage, setsession, failures, ping, closeable, isfatal, *args, **kwargs
+    )
+
+
+class SteadyDBConnection:
+    """A hardened DB-API 2 connection (DBUtils-compatible).
+
+    creator: a DB-API 2 module or a callable returning new driver connections.
+    maxusage: reopen the connection after this many operations (0/None: never).
+    setsession: SQL statements run on every new connection.
+    failures: exception class(es) that trigger a transparent reconnect.
+    ping: when to check the connection (see the module docstring).
+    closeable: if false, :meth:`close` only ends an open transaction.
+    isfatal: called with a matching failure; return False for errors that do not break
+        the connection (a statement timeout), so they are raised and not retried.
+    args, kwargs: passed to the creator.
+
+    Raises ``TypeError`` for a creator that cannot make connections or a malformed
+    parameter, and whatever the driver raises when the first connect fails.
+    """
+
+    def __init__(
+        self,
+        creator: Any,
+        maxusage: int | None = None,
+        setsession: Sequence[str] | None = None,
+        failures: type[Exception] | tuple[type[Exception], ...] | None = None,
+        ping: Any = 1,
+        closeable: bool = True,
+        isfatal: Callable[[Exception], bool] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        self._con: Any = None
+        self._closed = True
+        self._dbapi: Any
+        self._creator: Callable[..., Any]
+        try:
+            self._creator = creator.connect
+            dbapi = getattr(creator, "dbapi", None)
+            self._dbapi = dbapi if callable(getattr(dbapi, "connect", None)) else creator
+        except AttributeError:
+            self._creator = creator
+            self._dbapi = getattr(creator, "dbapi", None)
+            if self._dbapi is None:
+                module = sys.modules.get(getattr(creator, "__module__", None) or "")
+                if module is not None and getattr(module, "connect", None) == creator:
+                    self._dbapi = module
+        self._threadsafety: int | None = getattr(creator, "threadsafety", None)
+        if self._threadsafety is None:
+            self._threadsafety = getattr(self._dbapi, "threadsafety", None)
+        if not callable(self._creator):
+            raise TypeError(
+                f"creator={creator!r} is not a connection provider; pass a DB-API 2 module"
+                " (like psycopg2) or a callable that returns a new connection"
+            )
+        if maxusage is None:
+            maxusage = 0
+        if not isinstance(maxusage, int) or isinstance(maxusage, bool) or maxusage < 0:
+            raise TypeError(f"maxusage={maxusage!r} must be a non-negative integer or None")
+        self._maxusage = maxusage
+        if isinstance(setsession, str):
+            raise TypeError(
+                f"setsession={setsession!r} must be a list of SQL statements, not one string"
+            )
+        self._setsession_sql = setsession
+        if (
+            failures is not None
+            and not isinstance(failures, tuple)
+            and not (isinstance(failures, type) and issubclass(failures, Exception))
+        ):
+            raise TypeError(f"failures={failures!r} must be an exception class or a tuple of them")
+        self._failures: Any = failures
+        self._failure: Any = None
+        if isfatal is not None and not callable(isfatal):
+            raise TypeError(f"isfatal={isfatal!r} must be a callable")
+        self._isfatal = isfatal
+        self._ping, self._pinger = parse_ping(ping)
+        self._closeable = closeable
+        self._args, self._kwargs = args, kwargs
+        self._transaction = False
+        self._usage = 0
+        self._pid = 0
+        self._generation = -1
+        self._created_at = 0.0
+        self._reconnects = 0
+        self._jitter = 1.0  # fraction of a pool's maxage this connection may live
+        self._idle_since = 0.0  # when a pool last took it back
+        self._store(self._create())
+        self._reconnects = 0
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def _create(self) -> Any:
+        """Make a new driver connection and prepare its session; close it if that fails."""
+        con = self._creator(*self._args, **self._kwargs)
+        try:
+            if self._dbapi is None or self._dbapi.connect != self._creator:
+                found = _parent_module(getattr(type(con), "__module__", None))
+                if found is None:
+                    error_class = getattr(con, "OperationalError", None)
+                    found = _parent_module(getattr(error_class, "__module__", None))
+                if found is not None:
+                    self._dbapi = found
+            if self._threadsafety is None:
+                self._threadsafety = getattr(self._dbapi, "threadsafety", None)
+                if self._threadsafety is None:
+                    self._threadsafety = getattr(con, "threadsafety", None)
+            if self._failures is None:
+                self._failures = self._default_failures(con)
+            self._failure = (
+                self._failures[0] if isinstance(self._failures, tuple) else self._failures
+            )
+            self._setsession(con)
+        except Exception:
+            with suppress(Exception):
+                con.close()
+            raise
+        return con
+
+    def _default_failures(self, con: Any) -> tuple[type[Exception], ...]:
+        sources: tuple[Any, ...] = (self._dbapi, self._creator, con)
+        for source in sources:
+            try:
+                return (source.OperationalError, source.InterfaceError, source.InternalError)
+            except AttributeError:
+                continue
+        raise AttributeError(
+            "could not determine the failure exceptions of this driver;"
+            " pass failures=(...) or give the creator a dbapi attribute"
+        )
+
+    def _setsession(self, con: Any = None) -> None:
+        if con is None:
+            con = self._con
+        if self._setsession_sql:
+            cursor = con.cursor()
+            for sql in self._setsession_sql:
+                cursor.execute(sql)
+            cursor.close()
+
+    def _store(self, con: Any) -> None:
+        if self._pid:
+            self._reconnects += 1
+        self._con = con
+        self._transaction = False
+        self._closed = False
+        self._usage = 0
+        self._pid = os.getpid()
+        self._generation = fork.generation
+        self._created_at = self._idle_since = time.monotonic()
+
+    def _replace(self, con: Any) -> None:
+        self._close()
+        self._store(con)
+
+    def _try_reconnect(self) -> bool:
+        try:
+            con = self._create()
+        except Exception:
+            return False
+        self._replace(con)
+        return True
+
+    def _close(self) -> None:
+        """Close the driver connection; in a process that did not open it, discard it."""
+        if not self._closed:
+            self._closed = True
+            self._transaction = False
+            con, self._con = self._con, None
+            if self._pid == os.getpid():
+                with suppress(Exception):
+                    con.close()
+            else:
+                drivers.discard(con)
+
+    def _discard(self) -> None:
+        """Drop an inherited connection without a word to the server (see drivers.discard)."""
+        if not self._closed:
+            self._closed = True
+            self._transaction = False
+            con, self._con = self._con, None
+            drivers.discard(con)
+
+    def _check_process(self) -> None:
+        """Refuse to work in a process that did not open this connection."""
+        if self._generation != fork.generation and self._pid != os.getpid():
+            raise ForkedConnectionError(
+                f"this connection was opened by process {self._pid} and inherited through"
+                f" fork() by process {os.getpid()}; using it would mix both processes'"
+                " queries on one socket. Get a new connection from the pool in this process"
+            )
+        if self._generation != fork.generation:
+            self._generation = fork.generation
+
+    def _reset(self, force: bool = False) -> None:
+        """Roll back if forced or a transaction was begun; skipped if the driver says idle."""
+        if not self._closed and (force or self._transaction):
+            if not self._transaction and drivers.in_transaction(self._con) is False:
+                return
+            with suppress(Exception):
+                self.rollback()
+
+    def _ping_check(self, ping: int = 1, reconnect: bool = True) -> bool | None:
+        """Check the connection if ``ping`` matches the flags; reconnect a dead one.
+
+        Returns whether it is alive, or None when it was not checked. A dead connection
+        is not replaced inside a transaction.
+        """
+        if not ping & self._ping:
+            return None
+        self._check_process()
+        alive: Any
+        if self._pinger is None:
+            try:
+                try:
+                    alive = self._con.ping(False)
+                except TypeError:
+                    alive = self._con.ping()
+            except (AttributeError, IndexError, TypeError, ValueError):
+                self._ping = 0  # the driver has no usable ping(): stop trying
+                return None
+            except Exception:
+                alive = False
+        else:
+            try:
+                alive = self._pinger(self._con)
+            except Exception:
+                alive = False
+        if alive is None:
+            alive = True
+        if alive:
+            reconnect = False
+        if reconnect and not self._transaction and self._try_reconnect():
+            alive = True
+        return bool(alive)
+
+    # -- DB-API surface -------------------------------------------------------------
+
+    def __enter__(self) -> SteadyDBConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Commit if the block succeeded, roll back if it raised. Does not close."""
+        if exc[0] is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    def dbapi(self) -> Any:
+        """Return the DB-API 2 module of the driver."""
+        if self._dbapi is None:
+            raise AttributeError(
+                "could not determine the DB-API 2 module; give the creator a dbapi attribute"
+            )
+        return self._dbapi
+
+    @property
+    def dbapi_connection(self) -> Any:
+        """The driver connection itself (bypasses failover and usage counting)."""
+        return self._con
+
+    def threadsafety(self) -> int:
+        """Return the driver's DB-API thread safety level."""
+        if self._threadsafety is None:
+            if self._dbapi is None:
+                raise AttributeError(
+                    "could not determine threadsafety; give the creator a dbapi or"
+                    " threadsafety attribute"
+                )
+            return 0
+        return self._threadsafety
+
+    def _fatal_check(self, error: Exception) -> bool:
+        return self._isfatal is None or bool(self._isfatal(error))
+
+    def close(self) -> None:
+        """Close the connection, or, if it is not closeable, only end its transaction.
+
+        Never complains when called twice. A non-closeable connection is rolled back
+        when a transaction was begun or the driver reports one open, so it never sits
+        *idle in transaction* holding locks.
+        """
+        if self._closeable:
+            self._close()
+        elif (
+            not self._closed
+            and self._pid == os.getpid()
+            and (self._transaction or drivers.in_transaction(self._con) is not False)
+        ):
+            self._reset(force=True)
+
+    def begin(self, *args: Any, **kwargs: Any) -> None:
+        """Start a transaction: until commit/rollback, errors are raised, never retried."""
+        self._check_process()
+        self._transaction = True
+        begin = getattr(self._con, "begin", None)
+        if begin is not None:
+            begin(*args, **kwargs)
+
+    def commit(self) -> None:
+        """Commit; if the commit fails, reconnect for the next use and raise the error."""
+        self._check_process()
+        self._transaction = False
+        try:
+            self._con.commit()
+        except self._failures:
+            self._try_reconnect()
+            raise
+
+    def rollback(self) -> None:
+        """Roll back; if that fails, reconnect for the next use and raise the error."""
+        self._check_process()
+        self._transaction = False
+        try:
+            self._con.rollback()
+        except self._failures:
+            self._try_reconnect()
+            raise
+
+    def cancel(self) -> None:
+        """Cancel a long-running statement, where the driver supports it."""
+        self._transaction = False
+        cancel = getattr(self._con, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+    def ping(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the driver's ``ping()``."""
+        self._check_process()
+        return self._con.ping(*args, **kwargs)
+
+    def _cursor(self, *args: Any, **kwargs: Any) -> Any:
+        """Make a driver cursor, reconnecting once if the connection turned out dead."""
+        self._check_process()
+        transaction = self._transaction
+        if not transaction and self._ping & 2:
+            self._ping_check(2)
+        overused = False
+        try:
+            if self._maxusage and self._usage >= self._maxusage and not transaction:
+                overused = True
+                raise self._failure
+            return self._con.cursor(*args, **kwargs)
+        except self._failures as error:
+            if not overused and not self._fatal_check(error):
+                raise
+            try:
+                con = self._create()
+            except Exception:
+                pass
+            else:
+                try:
+                    cursor = con.cursor(*args, **kwargs)
+                except Exception:
+                    pass
+                else:
+                    self._replace(con)
+                    if transaction:
+                        raise error from None
+                    return cursor
+                with suppress(Exception):
+                    con.close()
+            if transaction:
+                self._transaction = False
+            raise error from None
+
+    def cursor(self, *args: Any, **kwargs: Any) -> SteadyDBCursor:
+        """Return a tough cursor (see :class:`SteadyDBCursor`)."""
+        return SteadyDBCursor(self, *args, **kwargs)
+
+    def __del__(self) -> None:
+        with suppress(Exception):
+            self._close()
+
+
+class SteadyDBCursor:
+    """A hardened DB-API 2 cursor: ``execute*``/``callproc*`` fail over like the connection."""
+
+    def __init__(self, con: SteadyDBConnection, *args: Any, **kwargs: Any) -> None:
+        self._cursor: Any = None
+        self._closed = True
+        self._no_failover = 0
+        self._con = con
+        self._args, self._kwargs = args, kwargs
+        self._inputsizes: Any = None
+        self._outputsizes: dict[Any, Any] | None = None
+        try:
+            self._cursor = con._cursor(*args, **kwargs)
+        except AttributeError as error:
+            raise TypeError(f"{con!r} is not a SteadyDBConnection") from error
+        self._closed = False
+
+    def __enter__(self) -> SteadyDBCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        cursor = self._cursor
+        try:
+            return iter(cursor)
+        except TypeError:
+            return iter(cursor.fetchone, None)
+
+    @property
+    def dbapi_cursor(self) -> Any:
+        """The driver cursor itself (bypasses failover and usage counting)."""
+        if not self._cursor:
+            raise InvalidCursorError("this cursor has no driver cursor")
+        return self._cursor
+
+    @contextmanager
+    def no_failover(self) -> Iterator[SteadyDBCursor]:
+        """Inside this block, failed statements are raised at once, never retried."""
+        self._no_failover += 1
+        try:
+            yield self
+        finally:
+            self._no_failover -= 1
+
+    def setinputsizes(self, sizes: Any) -> None:
+        """Remember input sizes, so they can be set again on a reopened cursor."""
+        self._inputsizes = sizes
+
+    def setoutputsize(self, size: int, column: Any = None) -> None:
+        """Remember an output size, so it can be set again on a reopened cursor."""
+        if self._outputsizes is None:
+            self._outputsizes = {}
+        self._outputsizes[column] = size
+
+    def _setsizes(self, cursor: Any) -> None:
+        if self._inputsizes:
+            cursor.setinputsizes(self._inputsizes)
+        for column, size in (self._outputsizes or {}).items():
+            if column is None:
+                cursor.setoutputsize(size)
+            else:
+                cursor.setoutputsize(size, column)
+
+    def close(self) -> None:
+        """Close the cursor; never complains when called twice."""
+        if not self._closed:
+            with suppress(Exception):
+                self._cursor.close()
+            self._closed = True
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        """Execute a statement; retried once on a fresh connection outside a transaction."""
+        return self._call("execute", args, kwargs)
+
+    def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        """Execute a statement for many parameter sets, with the same failover."""
+        return self._call("executemany", args, kwargs)
+
+    def callproc(self, *args: Any, **kwargs: Any) -> Any:
+        """Call a stored procedure, with the same failover."""
+        return self._call("callproc", args, kwargs)
+
+    def fetchone(self) -> Any:
+        """Fetch the next row from the driver cursor."""
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> Any:
+        """Fetch all remaining rows from the driver cursor."""
+        return self._cursor.fetchall()
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        """Fetch the next rows from the driver cursor."""
+        return self._cursor.fetchmany(*args, **kwargs)
+
+    def _call(self, name: str, args: Any, kwargs: Any) -> Any:
+        con = self._con
+        transaction = con._transaction
+        if con._generation != fork.generation:
+            con._check_process()
+        if not transaction and con._ping & 4:
+            con._ping_check(4)
+        execute = name.startswith("execute")
+        try:
+            if con._maxusage and con._usage >= con._maxusage and not transaction:
+                raise _Overused
+            sized = execute and (self._inputsizes or self._outputsizes)
+            if sized:
+                self._setsizes(self._cursor)
+            result = getattr(self._cursor, name)(*args, **kwargs)
+            if sized:
+                self._inputsizes = self._outputsizes = None
+        except _Overused:
+            return self._failover(name, args, kwargs, con._failure(), overused=True)
+        except con._failures as error:
+            if self._no_failover or not con._fatal_check(error):
+                raise
+            return self._failover(name, args, kwargs, error, overused=False)
+        con._usage += 1
+        return result
+
+    def _run(self, cursor: Any, name: str, args: Any, kwargs: Any) -> Any:
+        execute = name.startswith("execute")
+        if execute:
+            self._setsizes(cursor)
+        result = getattr(cursor, name)(*args, **kwargs)
+        if execute:
+            self._inputsizes = self._outputsizes = None
+        return result
+
+    def _failover(self, name: str, args: Any, kwargs: Any, error: Exception, overused: bool) -> Any:
+        """After a failure: retry on a new cursor, then on a new connection (DBUtils' order)."""
+        con = self._con
+        transaction = con._transaction
+        if not transaction and not overused:
+            try:
+                cursor2 = con._cursor(*self._args, **self._kwargs)
+            except Exception:
+                pass
+            else:
+                try:
+                    result = self._run(cursor2, name, args, kwargs)
+                except Exception:
+                    with suppress(Exception):
+                        cursor2.close()
+                else:
+                    self.close()
+                    self._cursor, self._closed = cursor2, False
+                    con._usage += 1
+                    return result
+        try:
+            con2 = con._create()
+        except Exception:
+            pass
+        else:
+            try:
+                cursor2 = con2.cursor(*self._args, **self._kwargs)
+            except Exception:
+                pass
+            else:
+                if transaction:
+                    self.close()
+                    con._replace(con2)
+                    self._cursor, self._closed = cursor2, False
+                    raise error
+                error2: Exception | None = None
+                try:
+                    result = self._run(cursor2, name, args, kwargs)
+                except error.__class__:
+                    use2 = False
+                    error2 = error
+                except Exception as other:
+                    use2 = True
+                    error2 = other
+                else:
+                    use2 = True
+                if use2:
+                    self.close()
+                    con._replace(con2)
+                    self._cursor, self._closed = cursor2, False
+                    con._usage += 1
+                    if error2 is not None:
+                        raise error2
+                    return result
+                with suppress(Exception):
+                    cursor2.close()
+            with suppress(Exception):
+                con2.close()
+        if transaction:
+            con._transaction = False
+        raise error
+
+    def __getattr__(self, name: str) -> Any:
+        cursor = self.__dict__.get("_cursor")
+        if cursor:
+            if name.startswith(("execute", "call")):
+                return lambda *args, **kwargs: self._call(name, args, kwargs)
+            return getattr(cursor, name)
+        raise InvalidCursorError(f"cursor has no driver cursor; cannot get {name!r}")
+
+    def __del__(self) -> None:
+        with suppress(Exception):
+            self.close()
+
+
+class _Overused(Exception):
+    """Internal signal: ``maxusage`` reached, reopen the connection before executing."""
