@@ -13,9 +13,10 @@ Faults are injected from the test:
 - ``conn.die()`` (or ``kill_all()``) makes a connection behave like one whose server has
   gone away: ping, cursor, execute, commit and rollback raise ``OperationalError``.
 
-Call ``reset()`` before each test; it clears the counts, the planned faults and restores
-``threadsafety``.  The module's state is global, which suits the pools under test: they
-reach the module through ``creator.connect`` just as they would reach a real driver.
+Call ``reset()`` before each test; it clears the counts and the planned faults and restores
+``threadsafety`` and ``reports_transaction_status``.  The module's state is global, which
+suits the pools under test: they reach the module through ``creator.connect`` just as they
+would reach a real driver.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from typing import Any
 apilevel = "2.0"
 threadsafety = 2
 paramstyle = "qmark"
+
+reports_transaction_status = True
+"""Whether connections tell ``in_transaction``; set it to False for a driver that cannot."""
 
 
 class Warning(Exception):  # shadows the builtin because DB-API 2 requires the name
@@ -100,13 +104,14 @@ def reset() -> None:
     Connections opened before the reset are no longer counted, so a pool of an earlier test
     that is garbage-collected late cannot disturb the counts of the next one.
     """
-    global threadsafety, _generation
+    global threadsafety, reports_transaction_status, _generation
     with _lock:
         vars(counts).update(vars(Counts()))
         connections.clear()
         _planned_faults.clear()
         _generation += 1
     threadsafety = 2
+    reports_transaction_status = True
 
 
 def fail_next(
@@ -171,9 +176,14 @@ class Connection:
         self.kwargs = kwargs
         self.closed = False
         self.dead = False
-        self.in_transaction = False
+        self.transaction_open = False  # the truth, whatever ``in_transaction`` reports
         self.statements: list[str] = []
         self.cursors: list[Cursor] = []
+
+    @property
+    def in_transaction(self) -> bool | None:
+        """What the driver reports (like sqlite3's attribute); None when it cannot tell."""
+        return self.transaction_open if reports_transaction_status else None
 
     def die(self) -> None:
         """From now on, behave like a connection whose server has gone away."""
@@ -193,7 +203,7 @@ class Connection:
         if self.closed:
             raise InterfaceError(f"connection {self.number} is already closed")
         self.closed = True
-        self.in_transaction = False
+        self.transaction_open = False
 
     def ping(self, reconnect: bool = False) -> bool:
         """Check the connection like PyMySQL does: raise if it is gone, never reconnect."""
@@ -204,12 +214,12 @@ class Connection:
     def commit(self) -> None:
         _count(self.generation, "commits")
         self._check_usable("commit")
-        self.in_transaction = False
+        self.transaction_open = False
 
     def rollback(self) -> None:
         _count(self.generation, "rollbacks")
         self._check_usable("rollback")
-        self.in_transaction = False
+        self.transaction_open = False
 
     def cursor(self) -> Cursor:
         _count(self.generation, "cursors")
@@ -235,7 +245,7 @@ class Cursor:
         if self.closed:
             raise InterfaceError("cursor is already closed")
         self.connection._check_usable("execute")
-        self.connection.in_transaction = True
+        self.connection.transaction_open = True
         self.connection.statements.append(operation)
         _count(self.connection.generation, "executes", operation)
         self.description = (("number", None, None, None, None, None, None),)

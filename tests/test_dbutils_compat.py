@@ -30,7 +30,7 @@ IMPLEMENTATIONS = ("forksafe", "dbutils")
 class Implementation:
     name: str
     steady_db: ModuleType
-    pooled_db: ModuleType
+    pooled_db: Any
     persistent_db: ModuleType
 
     @property
@@ -45,13 +45,34 @@ class Implementation:
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
-def impl(request: pytest.FixtureRequest) -> Implementation:
+def impl(request: pytest.FixtureRequest) -> Iterator[Implementation]:
     name: str = request.param
-    modules = [importlib.import_module(f"{name}.{module}") for module in _MODULES]
-    return Implementation(name, *modules)
+    steady, pooled, persistent = (
+        importlib.import_module(f"{name}.{module}") for module in _MODULES
+    )
+    pools: list[Any] = []
+    yield Implementation(name, steady, _PoolTracker(pooled, pools), persistent)
+    for pool in pools:
+        pool.close()  # forksafe shares idle connections between equal pools: don't leak them
 
 
 _MODULES = ("steady_db", "pooled_db", "persistent_db")
+
+
+class _PoolTracker:
+    """The pooled_db module, except that it remembers every PooledDB it builds."""
+
+    def __init__(self, module: ModuleType, pools: list[Any]) -> None:
+        self._module = module
+        self._pools = pools
+
+    def PooledDB(self, *args: Any, **kwargs: Any) -> Any:  # named like the class it builds
+        pool = self._module.PooledDB(*args, **kwargs)
+        self._pools.append(pool)
+        return pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
 
 
 @pytest.fixture
@@ -60,7 +81,7 @@ def steady_db(impl: Implementation) -> ModuleType:
 
 
 @pytest.fixture
-def pooled_db(impl: Implementation) -> ModuleType:
+def pooled_db(impl: Implementation) -> Any:
     return impl.pooled_db
 
 
@@ -450,7 +471,7 @@ def test_steady_db_exports_the_dbutils_names(steady_db: ModuleType) -> None:
 # --- PooledDB: a pool shared by threads -----------------------------------------------------
 
 
-def test_pool_passes_its_extra_arguments_to_the_creator(pooled_db: ModuleType) -> None:
+def test_pool_passes_its_extra_arguments_to_the_creator(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, database="app", user="alice")
     pool.connection()
 
@@ -458,7 +479,7 @@ def test_pool_passes_its_extra_arguments_to_the_creator(pooled_db: ModuleType) -
 
 
 def test_a_returned_connection_is_reused_instead_of_opening_a_new_one(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb)
     for _ in range(3):
@@ -470,7 +491,7 @@ def test_a_returned_connection_is_reused_instead_of_opening_a_new_one(
     assert fakedb.counts.closes == 0
 
 
-def test_idle_connections_are_reused_first_in_first_out(pooled_db: ModuleType) -> None:
+def test_idle_connections_are_reused_first_in_first_out(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb)
     first, second, third = (pool.connection() for _ in range(3))
     for db in (second, third, first):
@@ -498,7 +519,7 @@ def test_mincached_connections_are_opened_before_they_are_needed(
 
 
 def test_maxcached_limits_idle_connections_and_closes_the_surplus(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, maxcached=2)
     connections = [pool.connection() for _ in range(3)]
@@ -509,7 +530,7 @@ def test_maxcached_limits_idle_connections_and_closes_the_surplus(
     assert len(fakedb.open_connections()) == 2
 
 
-def test_maxcached_is_raised_to_mincached(pooled_db: ModuleType) -> None:
+def test_maxcached_is_raised_to_mincached(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, mincached=3, maxcached=1)
     connections = [pool.connection() for _ in range(3)]
     for db in connections:
@@ -519,7 +540,7 @@ def test_maxcached_is_raised_to_mincached(pooled_db: ModuleType) -> None:
     assert fakedb.counts.closes == 0
 
 
-def test_maxcached_zero_keeps_every_returned_connection(pooled_db: ModuleType) -> None:
+def test_maxcached_zero_keeps_every_returned_connection(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, maxcached=0)
     connections = [pool.connection() for _ in range(5)]
     for db in connections:
@@ -529,7 +550,10 @@ def test_maxcached_zero_keeps_every_returned_connection(pooled_db: ModuleType) -
     assert len(fakedb.open_connections()) == 5
 
 
-def test_reset_true_rolls_back_every_returned_connection(pooled_db: ModuleType) -> None:
+def test_reset_true_rolls_back_every_returned_connection_if_the_driver_cannot_tell(
+    pooled_db: Any,
+) -> None:
+    fakedb.reports_transaction_status = False
     pool = pooled_db.PooledDB(fakedb, reset=True)
     pool.connection().close()
     db = pool.connection()
@@ -537,11 +561,23 @@ def test_reset_true_rolls_back_every_returned_connection(pooled_db: ModuleType) 
     db.close()
 
     assert fakedb.counts.rollbacks == 2
-    assert not raw(1).in_transaction
+    assert not raw(1).transaction_open
+
+
+def test_reset_true_rolls_back_a_connection_the_driver_reports_in_a_transaction(
+    pooled_db: Any,
+) -> None:
+    pool = pooled_db.PooledDB(fakedb, reset=True)
+    db = pool.connection()
+    db.cursor().execute("select 1")
+    db.close()
+
+    assert fakedb.counts.rollbacks == 1
+    assert not raw(1).transaction_open
 
 
 def test_reset_false_rolls_back_only_transactions_started_with_begin(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, reset=False)
     db = pool.connection()
@@ -556,7 +592,7 @@ def test_reset_false_rolls_back_only_transactions_started_with_begin(
     assert fakedb.counts.rollbacks == 1
 
 
-def test_a_freshly_opened_connection_is_not_pinged_on_checkout(pooled_db: ModuleType) -> None:
+def test_a_freshly_opened_connection_is_not_pinged_on_checkout(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, ping=1)
     pool.connection()
 
@@ -565,7 +601,7 @@ def test_a_freshly_opened_connection_is_not_pinged_on_checkout(pooled_db: Module
 
 @pytest.mark.parametrize(("flag", "on_checkout", "on_cursor", "on_execute"), PING_FLAGS)
 def test_ping_flag_decides_when_a_pooled_connection_pings(
-    pooled_db: ModuleType, flag: int, on_checkout: int, on_cursor: int, on_execute: int
+    pooled_db: Any, flag: int, on_checkout: int, on_cursor: int, on_execute: int
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, ping=flag)
     pool.connection().close()
@@ -579,7 +615,7 @@ def test_ping_flag_decides_when_a_pooled_connection_pings(
     assert fakedb.counts.pings == on_execute
 
 
-def test_a_dead_idle_connection_is_replaced_on_checkout(pooled_db: ModuleType) -> None:
+def test_a_dead_idle_connection_is_replaced_on_checkout(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, ping=1)
     pool.connection().close()
     raw(1).die()
@@ -592,7 +628,7 @@ def test_a_dead_idle_connection_is_replaced_on_checkout(pooled_db: ModuleType) -
 
 
 def test_after_a_server_restart_every_idle_connection_is_replaced(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb)
     connections = [pool.connection() for _ in range(3)]
@@ -607,7 +643,7 @@ def test_after_a_server_restart_every_idle_connection_is_replaced(
 
 
 def test_without_ping_a_dead_idle_connection_is_replaced_at_first_use(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, ping=0)
     pool.connection().close()
@@ -618,7 +654,7 @@ def test_without_ping_a_dead_idle_connection_is_replaced_at_first_use(
 
 
 def test_pooled_connections_are_renewed_after_maxusage_uses_across_checkouts(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, maxusage=2)
     numbers = []
@@ -631,7 +667,7 @@ def test_pooled_connections_are_renewed_after_maxusage_uses_across_checkouts(
     assert raw(1).closed
 
 
-def test_setsession_runs_once_on_each_new_pooled_connection(pooled_db: ModuleType) -> None:
+def test_setsession_runs_once_on_each_new_pooled_connection(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, setsession=["set search_path to app"])
     first, second = pool.connection(), pool.connection()
     number_of(first)
@@ -647,7 +683,7 @@ def test_setsession_runs_once_on_each_new_pooled_connection(pooled_db: ModuleTyp
     assert raw(2).statements == ["set search_path to app", "select connection_number"]
 
 
-def test_pool_failures_decide_which_errors_are_retried(pooled_db: ModuleType) -> None:
+def test_pool_failures_decide_which_errors_are_retried(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, failures=fakedb.ProgrammingError)
     cursor = pool.connection().cursor()
     fakedb.fail_next(1, "execute", fakedb.ProgrammingError)
@@ -659,7 +695,7 @@ def test_pool_failures_decide_which_errors_are_retried(pooled_db: ModuleType) ->
     assert fakedb.counts.statements == ["select 1"]
 
 
-def test_a_lost_pooled_connection_is_replaced_transparently(pooled_db: ModuleType) -> None:
+def test_a_lost_pooled_connection_is_replaced_transparently(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb)
     db = pool.connection()
     number_of(db)
@@ -668,7 +704,7 @@ def test_a_lost_pooled_connection_is_replaced_transparently(pooled_db: ModuleTyp
     assert number_of(db) == 2
 
 
-def test_a_lost_pooled_connection_inside_a_transaction_raises(pooled_db: ModuleType) -> None:
+def test_a_lost_pooled_connection_inside_a_transaction_raises(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb)
     db = pool.connection()
     db.begin()
@@ -680,7 +716,7 @@ def test_a_lost_pooled_connection_inside_a_transaction_raises(pooled_db: ModuleT
     assert fakedb.counts.statements == []
 
 
-def test_maxshared_shares_connections_when_the_driver_allows_it(pooled_db: ModuleType) -> None:
+def test_maxshared_shares_connections_when_the_driver_allows_it(pooled_db: Any) -> None:
     fakedb.threadsafety = 2
     pool = pooled_db.PooledDB(fakedb, maxshared=2)
     connections = [pool.connection() for _ in range(5)]
@@ -690,7 +726,7 @@ def test_maxshared_shares_connections_when_the_driver_allows_it(pooled_db: Modul
 
 
 def test_a_shared_connection_goes_idle_when_its_last_user_returns_it(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, maxshared=2)
     connections = [pool.connection() for _ in range(3)]
@@ -703,7 +739,7 @@ def test_a_shared_connection_goes_idle_when_its_last_user_returns_it(
     assert {number_of(db) for db in dedicated} == {1, 2}
 
 
-def test_a_connection_in_a_transaction_is_not_shared(pooled_db: ModuleType) -> None:
+def test_a_connection_in_a_transaction_is_not_shared(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, maxshared=2)
     busy, free = pool.connection(), pool.connection()
     busy.begin()
@@ -713,7 +749,7 @@ def test_a_connection_in_a_transaction_is_not_shared(pooled_db: ModuleType) -> N
 
 
 def test_maxshared_is_ignored_when_the_driver_cannot_share_connections(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     fakedb.threadsafety = 1
     pool = pooled_db.PooledDB(fakedb, maxshared=2)
@@ -723,7 +759,7 @@ def test_maxshared_is_ignored_when_the_driver_cannot_share_connections(
     assert {number_of(db) for db in connections} == {1, 2, 3}
 
 
-def test_dedicated_connections_are_never_shared(pooled_db: ModuleType) -> None:
+def test_dedicated_connections_are_never_shared(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, maxshared=1)
     shared = pool.connection()
     dedicated = [pool.dedicated_connection(), pool.connection(shareable=False)]
@@ -735,7 +771,7 @@ def test_dedicated_connections_are_never_shared(pooled_db: ModuleType) -> None:
 
 
 def test_maxconnections_without_blocking_raises_too_many_connections(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, maxconnections=2)
     held = [pool.connection(), pool.connection()]
@@ -747,7 +783,7 @@ def test_maxconnections_without_blocking_raises_too_many_connections(
 
 
 def test_shareable_requests_share_instead_of_failing_at_maxconnections(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, maxshared=1, maxconnections=1)
     first, second = pool.connection(), pool.connection()
@@ -757,7 +793,7 @@ def test_shareable_requests_share_instead_of_failing_at_maxconnections(
         pool.dedicated_connection()
 
 
-def test_maxconnections_is_raised_to_maxcached_and_maxshared(pooled_db: ModuleType) -> None:
+def test_maxconnections_is_raised_to_maxcached_and_maxshared(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, maxcached=3, maxconnections=1)
     held = [pool.dedicated_connection() for _ in range(3)]
 
@@ -767,7 +803,7 @@ def test_maxconnections_is_raised_to_maxcached_and_maxshared(pooled_db: ModuleTy
     assert len(held) == 3
 
 
-def test_a_failed_connect_does_not_use_up_a_connection_slot(pooled_db: ModuleType) -> None:
+def test_a_failed_connect_does_not_use_up_a_connection_slot(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, maxconnections=1)
     fakedb.fail_next(1, "connect")
     with pytest.raises(fakedb.OperationalError):
@@ -778,7 +814,7 @@ def test_a_failed_connect_does_not_use_up_a_connection_slot(pooled_db: ModuleTyp
 
 @pytest.mark.timeout(20)
 def test_a_blocked_request_gets_the_connection_when_it_is_returned(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, maxconnections=1, blocking=True)
     held = pool.connection()
@@ -805,7 +841,7 @@ def test_a_blocked_request_gets_the_connection_when_it_is_returned(
 
 @pytest.mark.timeout(20)
 def test_a_blocked_shareable_request_waits_for_a_connection_in_a_transaction(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, maxshared=1, maxconnections=1, blocking=True)
     held = pool.connection()
@@ -831,7 +867,7 @@ def test_a_blocked_shareable_request_waits_for_a_connection_in_a_transaction(
 
 @pytest.mark.timeout(30)
 def test_many_threads_share_a_small_blocking_pool_without_losing_connections(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb, maxconnections=3, blocking=True)
     errors: list[BaseException] = []
@@ -858,7 +894,7 @@ def test_many_threads_share_a_small_blocking_pool_without_losing_connections(
 
 
 def test_pooled_connection_context_returns_the_connection_without_committing(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     pool = pooled_db.PooledDB(fakedb)
     with pool.connection() as db:
@@ -870,7 +906,7 @@ def test_pooled_connection_context_returns_the_connection_without_committing(
     assert number_of(pool.connection()) == 1
 
 
-def test_using_a_returned_connection_raises_invalid_connection(pooled_db: ModuleType) -> None:
+def test_using_a_returned_connection_raises_invalid_connection(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb)
     db = pool.connection()
     db.close()
@@ -878,7 +914,7 @@ def test_using_a_returned_connection_raises_invalid_connection(pooled_db: Module
         db.cursor()
 
 
-def test_returning_a_connection_twice_is_harmless(pooled_db: ModuleType) -> None:
+def test_returning_a_connection_twice_is_harmless(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, maxconnections=1)
     db = pool.connection()
     db.close()
@@ -890,7 +926,7 @@ def test_returning_a_connection_twice_is_harmless(pooled_db: ModuleType) -> None
     assert number_of(first) == 1
 
 
-def test_dedicated_connection_is_connection_not_shareable(pooled_db: ModuleType) -> None:
+def test_dedicated_connection_is_connection_not_shareable(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb)
     db = pool.dedicated_connection()
     db.close()
@@ -898,7 +934,7 @@ def test_dedicated_connection_is_connection_not_shareable(pooled_db: ModuleType)
     assert number_of(pool.dedicated_connection()) == 1
 
 
-def test_steady_connection_of_a_pool_is_not_pooled(pooled_db: ModuleType) -> None:
+def test_steady_connection_of_a_pool_is_not_pooled(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb)
     db = pool.steady_connection()
     number_of(db)
@@ -908,7 +944,7 @@ def test_steady_connection_of_a_pool_is_not_pooled(pooled_db: ModuleType) -> Non
     assert number_of(pool.connection()) == 2
 
 
-def test_closing_the_pool_closes_its_idle_connections(pooled_db: ModuleType) -> None:
+def test_closing_the_pool_closes_its_idle_connections(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb)
     connections = [pool.connection() for _ in range(3)]
     for db in connections:
@@ -919,7 +955,7 @@ def test_closing_the_pool_closes_its_idle_connections(pooled_db: ModuleType) -> 
     assert fakedb.open_connections() == []
 
 
-def test_closing_the_pool_closes_its_shared_connections(pooled_db: ModuleType) -> None:
+def test_closing_the_pool_closes_its_shared_connections(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, maxshared=2)
     held = [pool.connection() for _ in range(2)]
     pool.close()
@@ -928,7 +964,7 @@ def test_closing_the_pool_closes_its_shared_connections(pooled_db: ModuleType) -
     assert len(held) == 2
 
 
-def test_a_driver_with_threadsafety_zero_is_refused(pooled_db: ModuleType) -> None:
+def test_a_driver_with_threadsafety_zero_is_refused(pooled_db: Any) -> None:
     fakedb.threadsafety = 0
     with pytest.raises(pooled_db.NotSupportedError):
         pool = pooled_db.PooledDB(fakedb)
@@ -936,7 +972,7 @@ def test_a_driver_with_threadsafety_zero_is_refused(pooled_db: ModuleType) -> No
 
 
 def test_a_creator_function_of_a_threadsafety_zero_driver_is_refused(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     fakedb.threadsafety = 0
     with pytest.raises(pooled_db.NotSupportedError):
@@ -945,7 +981,7 @@ def test_a_creator_function_of_a_threadsafety_zero_driver_is_refused(
 
 
 def test_a_pool_creator_that_is_neither_module_nor_callable_is_refused(
-    pooled_db: ModuleType,
+    pooled_db: Any,
 ) -> None:
     with pytest.raises(TypeError):
         pool = pooled_db.PooledDB(42)
@@ -953,13 +989,13 @@ def test_a_pool_creator_that_is_neither_module_nor_callable_is_refused(
     assert fakedb.counts.connects == 0
 
 
-def test_pooled_db_exports_the_dbutils_error_classes(pooled_db: ModuleType) -> None:
+def test_pooled_db_exports_the_dbutils_error_classes(pooled_db: Any) -> None:
     for name in ("InvalidConnectionError", "NotSupportedError", "TooManyConnectionsError"):
         assert issubclass(getattr(pooled_db, name), pooled_db.PooledDBError), name
     assert issubclass(pooled_db.PooledDBError, Exception)
 
 
-def test_pooled_db_keeps_the_deprecated_error_aliases(pooled_db: ModuleType) -> None:
+def test_pooled_db_keeps_the_deprecated_error_aliases(pooled_db: Any) -> None:
     assert pooled_db.InvalidConnection is pooled_db.InvalidConnectionError
     assert pooled_db.TooManyConnections is pooled_db.TooManyConnectionsError
 
