@@ -256,6 +256,10 @@ class Cursor:
         for parameters in seq_of_parameters:
             self.execute(operation, parameters)
 
+    def callproc(self, procname: str, parameters: Sequence[Any] = ()) -> Sequence[Any]:
+        self.execute(f"call {procname}", parameters)
+        return parameters
+
     def fetchone(self) -> tuple[Any, ...] | None:
         return self._rows.pop(0) if self._rows else None
 

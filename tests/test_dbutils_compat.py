@@ -5,8 +5,8 @@ does, against DBUtils 3 itself.  The implementations are chosen in one place,
 ``IMPLEMENTATIONS``; the only deliberate difference, forksafe's lazy ``mincached`` warm-up,
 is spelled out where it matters (``Implementation.opens_mincached_at_construction``).
 
-Parameters are passed by keyword throughout: DBUtils 3.2 put ``isfatal`` before ``*args``,
-so the positional order beyond ``ping``/``closeable`` is not part of the shared API.
+Parameters are mostly passed by keyword for readability; one test per class pins down the
+positional order (DBUtils 3.2's, with ``isfatal`` before ``*args``).
 """
 
 from __future__ import annotations
@@ -460,6 +460,142 @@ def test_a_failed_commit_raises_and_replaces_the_connection(steady_db: ModuleTyp
 
     assert raw(1).closed
     assert number_of(db) == 2
+
+
+def test_connect_takes_the_dbutils_positional_parameters(steady_db: ModuleType) -> None:
+    db = steady_db.connect(fakedb, 2, ["set role app"], fakedb.ProgrammingError, 0, False, None)
+    fakedb.fail_next(1, "execute", fakedb.ProgrammingError)
+    numbers = [number_of(db) for _ in range(3)]
+    db.close()
+
+    assert numbers == [1, 1, 2]
+    assert raw(2).statements[0] == "set role app"
+    assert fakedb.counts.pings == 0
+    assert fakedb.counts.closes == 1  # only the overused one: close() was ignored
+
+
+def test_execute_executemany_and_callproc_each_count_as_one_use(steady_db: ModuleType) -> None:
+    db = steady_db.connect(fakedb, maxusage=3)
+    cursor = db.cursor()
+    cursor.execute("select 1")
+    cursor.executemany("insert into t values (?)", [(1,), (2,), (3,)])
+    cursor.callproc("refresh")
+    cursor.execute("select 2")
+
+    assert cursor.fetchone() == (2,)
+    assert raw(1).statements == ["select 1", *["insert into t values (?)"] * 3, "call refresh"]
+
+
+def test_a_steady_cursor_can_be_iterated_and_exposes_the_driver_attributes(
+    steady_db: ModuleType,
+) -> None:
+    cursor = steady_db.connect(fakedb).cursor()
+    cursor.execute("select 1")
+
+    assert cursor.rowcount == 1
+    assert cursor.description[0][0] == "number"
+    assert list(cursor) == [(1,)]
+
+
+def test_a_failure_while_opening_a_cursor_reconnects_transparently(
+    steady_db: ModuleType,
+) -> None:
+    db = steady_db.connect(fakedb, ping=0)
+    fakedb.fail_next(1, "cursor")
+
+    assert number_of(db) == 2
+    assert raw(1).closed
+
+
+def test_a_statement_failing_twice_is_retried_on_a_new_connection(
+    steady_db: ModuleType,
+) -> None:
+    cursor = steady_db.connect(fakedb).cursor()
+    fakedb.fail_next(2, "execute")
+    cursor.execute("select 1")
+
+    assert cursor.fetchone() == (2,)
+    assert raw(1).closed
+    assert fakedb.counts.statements == ["select 1"]
+
+
+def test_maxusage_does_not_reconnect_inside_a_transaction(steady_db: ModuleType) -> None:
+    db = steady_db.connect(fakedb, maxusage=1)
+    db.begin()
+    numbers = [number_of(db) for _ in range(3)]
+    db.commit()
+
+    assert numbers == [1, 1, 1]
+    assert number_of(db) == 2
+
+
+def test_a_dead_connection_is_not_replaced_by_a_ping_inside_a_transaction(
+    steady_db: ModuleType,
+) -> None:
+    db = steady_db.connect(fakedb, ping=1)
+    db.begin()
+    raw(1).die()
+
+    assert not db._ping_check()
+    assert fakedb.counts.connects == 1
+
+
+@pytest.mark.parametrize(
+    ("ping", "on_check", "on_execute"),
+    [
+        pytest.param("select 1", 1, 1, id="sql"),
+        pytest.param((4, "select 1"), 0, 1, id="flag-and-sql"),
+    ],
+)
+def test_ping_can_be_an_sql_statement(
+    steady_db: ModuleType, ping: Any, on_check: int, on_execute: int
+) -> None:
+    db = steady_db.connect(fakedb, ping=ping)
+    db._ping_check()
+    assert fakedb.counts.statements.count("select 1") == on_check
+    db.cursor().execute("select 2")
+    assert fakedb.counts.statements.count("select 1") == on_execute
+    assert fakedb.counts.pings == 0
+
+
+def test_ping_can_be_a_callable_that_says_whether_the_connection_lives(
+    steady_db: ModuleType,
+) -> None:
+    checked: list[int] = []
+
+    def alive(con: fakedb.Connection) -> bool:
+        checked.append(con.number)
+        return not con.dead
+
+    db = steady_db.connect(fakedb, ping=alive)
+    assert db._ping_check()
+    raw(1).die()
+    assert db._ping_check()
+
+    assert checked == [1, 1]
+    assert number_of(db) == 2
+
+
+@pytest.mark.parametrize(("fatal", "retried"), [(True, True), (False, False)])
+def test_isfatal_decides_whether_a_failure_is_retried(
+    steady_db: ModuleType, fatal: bool, retried: bool
+) -> None:
+    seen: list[Exception] = []
+
+    def isfatal(error: Exception) -> bool:
+        seen.append(error)
+        return fatal
+
+    cursor = steady_db.connect(fakedb, isfatal=isfatal).cursor()
+    fakedb.fail_next(1, "execute")
+    if retried:
+        cursor.execute("select 1")
+    else:
+        with pytest.raises(fakedb.OperationalError):
+            cursor.execute("select 1")
+
+    assert [type(error) for error in seen] == [fakedb.OperationalError]
+    assert fakedb.counts.statements == (["select 1"] if retried else [])
 
 
 def test_steady_db_exports_the_dbutils_names(steady_db: ModuleType) -> None:
@@ -989,6 +1125,77 @@ def test_a_pool_creator_that_is_neither_module_nor_callable_is_refused(
     assert fakedb.counts.connects == 0
 
 
+def test_pooled_db_takes_the_dbutils_positional_parameters(pooled_db: Any) -> None:
+    pool = pooled_db.PooledDB(
+        fakedb, 0, 1, 0, 2, False, 2, ["set role app"], False, fakedb.ProgrammingError, 0
+    )
+    first, second = pool.connection(), pool.connection()
+    with pytest.raises(pooled_db.TooManyConnectionsError):
+        pool.connection()
+    fakedb.fail_next(1, "execute", fakedb.ProgrammingError)
+    assert number_of(first) == 1
+    first.close()
+    second.close()
+
+    assert fakedb.counts.closes == 1  # maxcached=1
+    assert raw(1).statements == ["set role app", "select connection_number"]
+    assert fakedb.counts.rollbacks == 0  # reset=False
+    assert fakedb.counts.pings == 0
+
+
+def test_a_pooled_connection_passes_dbapi_and_threadsafety_through(pooled_db: Any) -> None:
+    db = pooled_db.PooledDB(fakedb).connection()
+
+    assert db.dbapi() is fakedb
+    assert db.threadsafety() == 2
+
+
+def test_an_error_inside_a_with_block_returns_the_connection_rolled_back(
+    pooled_db: Any,
+) -> None:
+    pool = pooled_db.PooledDB(fakedb, maxconnections=1)
+    with pytest.raises(ZeroDivisionError), pool.connection() as db:
+        db.cursor().execute("update account set balance = 0")
+        _ = 1 / 0
+
+    assert fakedb.counts.rollbacks == 1
+    assert not raw(1).transaction_open
+    assert number_of(pool.connection()) == 1
+
+
+def test_a_shared_connection_is_invalid_after_close(pooled_db: Any) -> None:
+    pool = pooled_db.PooledDB(fakedb, maxshared=1)
+    first, second = pool.connection(), pool.connection()
+    first.close()
+    first.close()
+
+    with pytest.raises(pooled_db.InvalidConnectionError):
+        first.cursor()
+    assert number_of(second) == 1
+
+
+def test_shared_connections_count_against_maxconnections(pooled_db: Any) -> None:
+    pool = pooled_db.PooledDB(fakedb, maxshared=2, maxconnections=2)
+    shared = [pool.connection() for _ in range(4)]
+
+    with pytest.raises(pooled_db.TooManyConnectionsError):
+        pool.dedicated_connection()
+    assert fakedb.counts.connects == 2
+    assert len(shared) == 4
+
+
+def test_a_closed_pool_stays_usable(pooled_db: Any) -> None:
+    pool = pooled_db.PooledDB(fakedb)
+    held = pool.connection()
+    pool.connection().close()
+    pool.close()
+    held.close()
+
+    with pool.connection() as db:
+        assert number_of(db) in {1, 3}
+    assert raw(2).closed
+
+
 def test_pooled_db_exports_the_dbutils_error_classes(pooled_db: Any) -> None:
     for name in ("InvalidConnectionError", "NotSupportedError", "TooManyConnectionsError"):
         assert issubclass(getattr(pooled_db, name), pooled_db.PooledDBError), name
@@ -1184,6 +1391,30 @@ def test_persistent_db_refuses_a_driver_with_threadsafety_zero(
     fakedb.threadsafety = 0
     with pytest.raises(persistent_db.NotSupportedError):
         persist = persistent_db.PersistentDB(fakedb)
+        persist.connection()
+
+
+def test_persistent_db_takes_the_dbutils_positional_parameters(
+    persistent_db: ModuleType,
+) -> None:
+    persist = persistent_db.PersistentDB(
+        fakedb, 1, ["set role app"], fakedb.ProgrammingError, 0, True, threading.local
+    )
+    numbers = [number_of(persist.connection()) for _ in range(2)]
+    persist.connection().close()
+
+    assert numbers == [1, 2]
+    assert raw(2).statements == ["set role app", "select connection_number"]
+    assert fakedb.counts.pings == 0
+    assert raw(2).closed  # closeable=True
+
+
+def test_a_creator_function_of_a_threadsafety_zero_driver_gets_no_persistent_connection(
+    persistent_db: ModuleType,
+) -> None:
+    fakedb.threadsafety = 0
+    with pytest.raises(persistent_db.NotSupportedError):
+        persist = persistent_db.PersistentDB(lambda: fakedb.connect())
         persist.connection()
 
 
