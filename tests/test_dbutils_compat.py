@@ -929,6 +929,23 @@ def test_shareable_requests_share_instead_of_failing_at_maxconnections(
         pool.dedicated_connection()
 
 
+def test_maxconnections_caps_shared_and_dedicated_connections_together(
+    impl: Implementation,
+) -> None:
+    if impl.name == "dbutils":
+        pytest.xfail("DBUtils opens a new shared connection past maxconnections")
+    pool = impl.pooled_db.PooledDB(fakedb, maxshared=2, maxconnections=3)
+    held = [pool.connection(), pool.dedicated_connection(), pool.dedicated_connection()]
+    try:
+        also_shared = pool.connection()  # may share the shared one, must not open a fourth
+    except impl.pooled_db.TooManyConnectionsError:
+        also_shared = None
+
+    assert fakedb.counts.connects == 3
+    if also_shared is not None:
+        assert number_of(also_shared) == number_of(held[0])
+
+
 def test_maxconnections_is_raised_to_maxcached_and_maxshared(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb, maxcached=3, maxconnections=1)
     held = [pool.dedicated_connection() for _ in range(3)]
@@ -1027,6 +1044,58 @@ def test_many_threads_share_a_small_blocking_pool_without_losing_connections(
     assert errors == []
     assert fakedb.counts.connects <= 3
     assert fakedb.counts.executes == 8 * 20
+
+
+@pytest.mark.timeout(60)
+def test_many_threads_mixing_shared_and_dedicated_requests_neither_hang_nor_leak(
+    pooled_db: Any,
+) -> None:
+    pool = pooled_db.PooledDB(fakedb, maxshared=2, maxconnections=3, blocking=True)
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            for turn in range(20):
+                with pool.connection(shareable=(index + turn) % 3 != 0) as db:
+                    number_of(db)
+                    time.sleep(0.001)  # hold it long enough for the other threads to queue up
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(40)
+
+    assert not any(thread.is_alive() for thread in threads), "a request hung"
+    assert errors == []
+    held: list[Any] = []
+    taker = threading.Thread(
+        target=lambda: held.extend(pool.dedicated_connection() for _ in range(3)), daemon=True
+    )
+    taker.start()
+    taker.join(10)
+    assert len(held) == 3, "not every connection slot was given back"
+
+
+@pytest.mark.timeout(20)
+def test_a_connection_can_be_returned_by_another_thread(pooled_db: Any) -> None:
+    pool = pooled_db.PooledDB(fakedb, maxconnections=1)
+    db = pool.connection()
+    thread = threading.Thread(target=db.close, daemon=True)
+    thread.start()
+    thread.join(10)
+
+    assert number_of(pool.connection()) == 1
+
+
+def test_sharing_an_open_connection_pings_it(pooled_db: Any) -> None:
+    pool = pooled_db.PooledDB(fakedb, maxshared=1, ping=1)
+    pool.connection()
+    assert fakedb.counts.pings == 0
+    pool.connection()
+    assert fakedb.counts.pings == 1
 
 
 def test_pooled_connection_context_returns_the_connection_without_committing(
