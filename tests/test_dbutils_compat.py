@@ -965,6 +965,16 @@ def test_a_failed_connect_does_not_use_up_a_connection_slot(pooled_db: Any) -> N
     assert number_of(pool.connection()) == 1
 
 
+def test_a_failed_setsession_closes_the_connection_and_frees_its_slot(pooled_db: Any) -> None:
+    pool = pooled_db.PooledDB(fakedb, maxconnections=1, setsession=["set role app"])
+    fakedb.fail_next(1, "execute", fakedb.ProgrammingError)
+    with pytest.raises(fakedb.ProgrammingError):
+        pool.connection()
+
+    assert raw(1).closed
+    assert number_of(pool.connection()) == 2
+
+
 @pytest.mark.timeout(20)
 def test_a_blocked_request_gets_the_connection_when_it_is_returned(
     pooled_db: Any,
@@ -1167,6 +1177,31 @@ def test_closing_the_pool_closes_its_shared_connections(pooled_db: Any) -> None:
 
     assert fakedb.counts.closes == 2
     assert len(held) == 2
+
+
+def test_each_pool_keeps_up_to_its_own_maxcached_idle_connections(pooled_db: Any) -> None:
+    first = pooled_db.PooledDB(fakedb, maxcached=1)
+    second = pooled_db.PooledDB(fakedb, maxcached=1)
+    connections = [first.connection(), second.connection()]
+    for db in connections:
+        db.close()
+
+    assert fakedb.counts.closes == 0
+
+
+def test_closing_one_pool_leaves_the_idle_connections_of_another_alone(
+    pooled_db: Any,
+) -> None:
+    first = pooled_db.PooledDB(fakedb)
+    second = pooled_db.PooledDB(fakedb)
+    connections = [first.connection(), second.connection()]
+    numbers = [number_of(db) for db in connections]
+    for db in connections:
+        db.close()
+    first.close()
+
+    assert raw(numbers[0]).closed
+    assert not raw(numbers[1]).closed
 
 
 def test_a_driver_with_threadsafety_zero_is_refused(pooled_db: Any) -> None:
