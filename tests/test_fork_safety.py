@@ -1,0 +1,220 @@
+"""Pools across fork(), checked from the server's side on real PostgreSQL and MariaDB.
+
+A parent uses a pool, forks children that use it (or not) and exit in various ways;
+the server must show that no child ever used a parent's session, every query answered
+its own process, the parent's sessions survived untouched, and the children's sessions
+are gone once they exit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fork_scenarios import use_pool as use_pool
+from forking import fork_child
+
+import forksafe
+from forksafe import PooledDB
+
+HERE = Path(__file__).parent
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class Target:
+    """A driver pointed at a real server, with the SQL to ask the server about sessions."""
+
+    name: str
+    module: Any
+    kwargs: dict[str, Any]
+    session_sql: str
+    admin: Callable[[], Any]
+    alive_sql: str
+
+    def alive(self, session_ids: list[int]) -> set[int]:
+        """Which of these sessions does the server still have?"""
+        if not session_ids:
+            return set()
+        admin = self.admin()
+        try:
+            cur = admin.cursor()
+            marks = ",".join(str(int(s)) for s in session_ids)
+            cur.execute(self.alive_sql.format(ids=marks))
+            return {int(row[0]) for row in cur.fetchall()}
+        finally:
+            admin.close()
+
+
+@pytest.fixture(params=["psycopg2", "psycopg", "pymysql"])
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+    if request.param == "pymysql":
+        import pymysql
+
+        db = request.getfixturevalue("mysql")
+        yield Target(
+            "pymysql",
+            pymysql,
+            dict(db.kwargs),
+            "SELECT CONNECTION_ID(), %s",
+            db.connect,
+            "SELECT id FROM information_schema.processlist WHERE id IN ({ids})",
+        )
+        return
+    module = pytest.importorskip(request.param)
+    db = request.getfixturevalue("postgres")
+    yield Target(
+        request.param,
+        module,
+        dict(db.kwargs),
+        "SELECT pg_backend_pid(), %s",
+        db.connect,
+        "SELECT pid FROM pg_stat_activity WHERE pid IN ({ids})",
+    )
+
+
+def run_scenario(scenario: str, target: Target, mode: str = "") -> dict[str, Any]:
+    """Run one scenario of fork_scenarios.py in a fresh interpreter; its JSON answer."""
+    argv = [sys.executable, str(HERE / "fork_scenarios.py"), scenario, target.name]
+    argv += [json.dumps(target.kwargs), mode]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, cwd=HERE)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def assert_isolated(target: Target, seen: dict[str, Any]) -> None:
+    """What the server must show after any scenario."""
+    parent, children = seen["parent"], seen["children"]
+    assert not set(children) & set(parent), "a child was handed the parent's session"
+    assert seen["after"] == parent, "the parent's sessions did not survive the children"
+    assert seen["parent_alive"] == sorted(parent), "the server lost a parent session"
+    assert seen["children_alive"] == [], "children's sessions outlived them"
+
+
+@pytest.mark.parametrize("mode", ["use+os._exit", "idle+sys.exit", "idle+os._exit", "use+sys.exit"])
+def test_children_never_share_or_kill_the_parents_sessions(target: Target, mode: str) -> None:
+    seen = run_scenario("matrix", target, mode)
+    assert_isolated(target, seen)
+    assert seen["reconnects"] == 0
+    if mode.startswith("use"):
+        assert len(seen["children"]) == 8
+
+
+def test_child_that_deletes_the_pool_and_collects_leaves_the_parent_alone(
+    target: Target,
+) -> None:
+    assert_isolated(target, run_scenario("del_pool", target))
+
+
+def test_grandchildren_get_their_own_sessions(target: Target) -> None:
+    seen = run_scenario("grandchild", target)
+    assert_isolated(target, seen)
+    assert len(set(seen["children"])) == 2
+    assert seen["child_kept_its_session"], "the grandchild killed the child's session"
+
+
+def test_connection_checked_out_mid_transaction_is_inert_in_the_child(target: Target) -> None:
+    seen = run_scenario("checked_out", target)
+    assert_isolated(target, seen)
+    assert "fork()" in seen["error"] and "pool" in seen["error"]
+
+
+def test_persistent_connections_are_per_process(target: Target) -> None:
+    assert_isolated(target, run_scenario("persistent", target))
+
+
+def test_pid_check_protects_a_fork_that_skips_python_hooks(target: Target) -> None:
+    """Like uWSGI's C-level fork: no os.register_at_fork hook runs in the child."""
+    pool = PooledDB(target.module, 2, **target.kwargs)
+    parent = use_pool(pool, target.name)
+    got = fork_child(lambda: use_pool(pool, target.name), exit_with="os._exit", raw=True)
+    assert not set(got) & set(parent)
+    assert use_pool(pool, target.name) == parent
+
+
+def test_after_fork_is_idempotent_in_a_fork_that_skips_python_hooks(target: Target) -> None:
+    pool = PooledDB(target.module, 1, **target.kwargs)
+    parent = use_pool(pool, target.name, 1)
+
+    def child() -> list[int]:
+        forksafe.after_fork()
+        forksafe.after_fork()
+        first = use_pool(pool, target.name, 1)
+        forksafe.after_fork()
+        assert use_pool(pool, target.name, 1) == first, "a second after_fork() reset the pool"
+        return first
+
+    got = fork_child(child, raw=True)
+    assert got != parent
+    assert use_pool(pool, target.name, 1) == parent
+
+
+def test_fork_while_another_thread_churns_the_pool_never_deadlocks(target: Target) -> None:
+    pool = PooledDB(target.module, 1, maxconnections=2, blocking=True, **target.kwargs)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            with pool.connection():
+                pass
+
+    threads = [threading.Thread(target=churn) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(200):
+            fork_child(lambda: pool.stats()["in_use"], timeout=10)
+        got = fork_child(lambda: use_pool(pool, target.name, 1), timeout=10)
+        assert got
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+
+
+def test_forking_with_a_thread_waiting_for_a_connection_gives_the_child_a_working_pool(
+    target: Target,
+) -> None:
+    pool = PooledDB(target.module, maxconnections=1, blocking=True, **target.kwargs)
+    held = pool.connection()
+    waiter_got: list[int] = []
+    waiter = threading.Thread(target=lambda: waiter_got.extend(use_pool(pool, target.name, 1)))
+    waiter.start()
+    try:
+        got = fork_child(lambda: use_pool(pool, target.name, 1), timeout=10)
+        assert got
+    finally:
+        held.close()
+        waiter.join(timeout=10)
+    assert waiter_got
+
+
+def test_multiprocessing_fork_pool_workers_get_their_own_sessions(target: Target) -> None:
+    import multiprocessing
+
+    pool = PooledDB(target.module, 1, **target.kwargs)
+    parent = use_pool(pool, target.name, 1)
+    _inherited[:] = [pool, target]  # reaches the workers through fork, not pickling
+    context = multiprocessing.get_context("fork")
+    with context.Pool(2) as workers:
+        seen = workers.map(_session_in_worker, range(8), chunksize=1)
+    assert parent[0] not in seen
+    assert len(set(seen)) <= 2
+    assert use_pool(pool, target.name, 1) == parent
+
+
+_inherited: list[Any] = []
+
+
+def _session_in_worker(_: int) -> int:
+    pool, target = _inherited
+    return use_pool(pool, target.name, 1)[0]
