@@ -49,9 +49,9 @@ def tasks_path(tmp_path: Path) -> Path:
 
 @pytest.mark.timeout(60)
 def test_submit_wait_prints_the_result(tmp_path: Path, tasks_path: Path, run_workers) -> None:  # type: ignore[no-untyped-def]
-    run_workers(tasks_path, "--workers", "1")
+    run = run_workers(tasks_path, "--workers", "1")
     done = forksafe(tmp_path, "submit", "tasks.py", "add", "2", "3", "--wait", "--timeout", "20")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr + run.log
     assert done.stdout == "5\n"
     failed = forksafe(tmp_path, "submit", "tasks.py", "fail", "boom", "--wait", "--timeout", "20")
     assert failed.returncode == 1

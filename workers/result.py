@@ -105,7 +105,8 @@ class AsyncResult(Generic[R]):
     ) -> R:
         """Wait for the job to finish and return its result.
 
-        Polls the broker (every millisecond at first, backing off to ``interval``).
+        Polls the broker, waking up early on any change it can see (every
+        millisecond at first, backing off to at most ``interval`` seconds between reads).
         Raises :class:`~workers.errors.ResultTimeout` after ``timeout`` seconds (wait
         forever if ``None``). On failure, with ``propagate`` the task's exception is
         re-raised (same type when it can be rebuilt, else
@@ -129,7 +130,8 @@ class AsyncResult(Generic[R]):
                         f"(get(timeout=...)) or check that a worker serves its queue"
                     )
                 pause = min(pause, remaining)
-            time.sleep(pause)
+            # Returns early when the broker sees a commit (SQLite data_version, ...).
+            self.app.broker.wait(pause)
             pause = min(pause * 2, interval)
 
     def _outcome(self, record: JobRecord, propagate: bool) -> Any:
