@@ -52,6 +52,25 @@ def ignores_soft_limit():
 @app.task
 def version():
     return 1
+
+HOARD = []
+
+@app.task
+def hog(mib):
+    HOARD.append(bytearray(mib * 2**20))
+    HOARD[-1][::4096] = b"x" * len(HOARD[-1][::4096])  # touch every page
+    return os.getpid()
+
+@app.task
+def pid():
+    return os.getpid()
+
+@app.task(time_limit=0.5, max_retries=1)
+def hang_then_pass(marker):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(600)
+    return "second attempt"
 """
 
 
@@ -250,3 +269,48 @@ def test_sigkill_of_the_supervisor_leaves_no_worker_alive(  # type: ignore[no-un
     wait_until(lambda: not any(alive(pid) for pid in pids), 5, f"workers {pids} to exit")
     assert time.monotonic() - killed < 5
     assert job.state == states.PENDING  # the orphan gave its job back
+
+
+@pytest.mark.timeout(60)
+def test_max_memory_per_child_recycles_a_bloated_worker(tasks: Any, tmp_path: Path) -> None:
+    bloated = tasks.hog.delay(100)
+    after = tasks.pid.delay()
+    log = burst(
+        tmp_path,
+        tmp_path / "tasks.py",
+        "--workers",
+        "1",
+        "--prefetch",
+        "1",
+        "--max-memory-per-child",
+        "60",
+    )
+    assert "max_memory_per_child" in log
+    assert bloated.get(timeout=1) != after.get(timeout=1)
+
+
+@pytest.mark.timeout(60)
+def test_a_job_killed_by_its_time_limit_is_retried_when_it_has_retries_left(
+    tasks: Any, tmp_path: Path
+) -> None:
+    job = tasks.hang_then_pass.delay(str(tmp_path / "first-attempt"))
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "1")
+    assert job.get(timeout=1) == "second attempt"
+    record = tasks.app.broker.fetch(job.id)
+    assert record.retries == 1 and record.deliveries == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_second_int_during_a_graceful_stop_stops_at_once(  # type: ignore[no-untyped-def]
+    tasks: Any, tmp_path: Path, run_workers
+) -> None:
+    marker = tmp_path / "started"
+    job = tasks.nap.delay(60, str(marker))
+    run = run_workers(tmp_path / "tasks.py", "--workers", "1")
+    wait_until(marker.exists, 20, "the job to start")
+    run.signal(signal.SIGINT)
+    run.wait_for_log("stopping 1 worker(s)")
+    run.signal(signal.SIGINT)
+    assert run.wait(10) == 0
+    assert "second stop signal" in run.log
+    assert job.state == states.PENDING
