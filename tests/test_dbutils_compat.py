@@ -4,9 +4,9 @@ Every test runs against forksafe and, to prove that the test describes what DBUt
 does, against DBUtils 3 itself.  The implementations are chosen in one place,
 ``IMPLEMENTATIONS``.  Where the two differ on purpose, the test says so through a property
 of ``Implementation``: forksafe warms ``mincached`` up at first use, not in ``PooledDB()``,
-and closes the connection of a finished thread.  One test expects what DBUtils gets wrong
-(``maxconnections`` as a hard cap when shared and dedicated connections mix) and is marked
-as an expected failure for DBUtils only.
+and closes the connection of a finished thread.  Two tests expect what DBUtils gets wrong
+(``maxconnections`` as a hard cap when shared and dedicated connections mix; waking a waiter
+that can use a freed slot) and are marked as expected failures for DBUtils only.
 
 Parameters are mostly passed by keyword for readability; one test per class pins down the
 positional order (DBUtils 3.2's, with ``isfatal`` before ``*args``).
@@ -97,6 +97,14 @@ def fresh_fakedb() -> Iterator[None]:
     fakedb.reset()
     yield
     fakedb.reset()
+
+
+def expect_dbutils_to_fail(
+    impl: Implementation, request: pytest.FixtureRequest, reason: str
+) -> None:
+    """Mark a test of something DBUtils gets wrong: it must fail there, and pass on forksafe."""
+    if impl.name == "dbutils":
+        request.applymarker(pytest.mark.xfail(reason=f"DBUtils bug: {reason}", strict=True))
 
 
 def number_of(db: Any) -> int:
@@ -931,10 +939,9 @@ def test_shareable_requests_share_instead_of_failing_at_maxconnections(
 
 
 def test_maxconnections_caps_shared_and_dedicated_connections_together(
-    impl: Implementation,
+    impl: Implementation, request: pytest.FixtureRequest
 ) -> None:
-    if impl.name == "dbutils":
-        pytest.xfail("DBUtils opens a new shared connection past maxconnections")
+    expect_dbutils_to_fail(impl, request, "it opens a new shared connection past maxconnections")
     pool = impl.pooled_db.PooledDB(fakedb, maxshared=2, maxconnections=3)
     held = [pool.connection(), pool.dedicated_connection(), pool.dedicated_connection()]
     try:
@@ -1027,6 +1034,44 @@ def test_a_blocked_shareable_request_waits_for_a_connection_in_a_transaction(
     thread.join(10)
     assert not thread.is_alive(), "the waiting request was not woken up"
     assert got == [1]
+
+
+@pytest.mark.timeout(20)
+def test_a_freed_slot_wakes_a_waiter_that_can_use_it(
+    impl: Implementation, request: pytest.FixtureRequest
+) -> None:
+    expect_dbutils_to_fail(impl, request, "it notifies one waiter, maybe one that cannot proceed")
+    pool = impl.pooled_db.PooledDB(fakedb, maxshared=1, maxconnections=2, blocking=True)
+    in_transaction = pool.connection()
+    in_transaction.begin()
+    dedicated = pool.dedicated_connection()
+    got: list[str] = []
+
+    def wait_for(kind: str, shareable: bool) -> None:
+        db = pool.connection(shareable)
+        got.append(kind)
+        db.close()
+
+    # first in line: a shareable request, which must wait for the transaction to end
+    shared_waiter = threading.Thread(target=wait_for, args=("shared", True), daemon=True)
+    shared_waiter.start()
+    shared_waiter.join(0.3)
+    # second in line: a dedicated request, which only needs a free slot
+    dedicated_waiter = threading.Thread(target=wait_for, args=("dedicated", False), daemon=True)
+    dedicated_waiter.start()
+    dedicated_waiter.join(0.3)
+    assert got == []
+
+    dedicated.close()  # frees a slot: the dedicated request can go ahead
+    dedicated_waiter.join(5)
+    woken = not dedicated_waiter.is_alive()
+    in_transaction.commit()
+    in_transaction.close()
+    shared_waiter.join(5)
+    dedicated_waiter.join(5)
+
+    assert woken, "the waiter that could use the free slot was not woken"
+    assert got[0] == "dedicated"
 
 
 @pytest.mark.timeout(30)
