@@ -59,58 +59,46 @@ OUTCOME_FLUSH_SECONDS = 0.05
 class Slot:
     """Shared memory one worker writes and its supervisor reads.
 
-    Layout: heartbeat time, jobs done, start time of the running job (0 when idle),
-    its hard time limit (0 for none), its id, lease and task name, and the text of a
-    fatal error. Fields are read without locks; the supervisor re-reads the start
-    time to detect a torn read.
+    Fields: heartbeat time and jobs done; start time of the running job (0 when idle)
+    and its hard time limit (0 for none); its id, lease and task name; the text of a
+    fatal error. A job's names are written before its start time and the start time
+    is cleared first when it ends, so a reader that sees the same start time before
+    and after reading the names has read them whole.
     """
 
-    _HEAD = struct.Struct("<dqdd64s32s64sI")
+    _BEAT = struct.Struct("<dq")  # heartbeat, jobs done
+    _CLOCK = struct.Struct("<dd")  # started, time limit
+    _NAMES = struct.Struct("<64s32s64s")  # job id, lease, task
+    _TEXT_LEN = struct.Struct("<I")
+    _CLOCK_AT = _BEAT.size
+    _NAMES_AT = _CLOCK_AT + _CLOCK.size
+    _TEXT_LEN_AT = _NAMES_AT + _NAMES.size
+    _TEXT_AT = _TEXT_LEN_AT + _TEXT_LEN.size
     _TEXT = 8192
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, self._HEAD.size + self._TEXT)
-
-    def _write_head(
-        self, started: float, limit: float, job: str, lease: str, task: str, jobs_done: int
-    ) -> None:
-        text_len = self._read()[7]
-        self._HEAD.pack_into(
-            self._map,
-            0,
-            time.time(),
-            jobs_done,
-            started,
-            limit,
-            job.encode()[:64],
-            lease.encode()[:32],
-            task.encode()[:64],
-            text_len,
-        )
-
-    def _read(self) -> tuple[Any, ...]:
-        return self._HEAD.unpack_from(self._map, 0)
+        self._map = mmap.mmap(-1, self._TEXT_AT + self._TEXT)
 
     def beat(self, jobs_done: int) -> None:
         """Record that the worker is alive (between jobs)."""
-        _, _, started, limit, job, lease, task, _ = self._read()
-        self._HEAD.pack_into(
-            self._map, 0, time.time(), jobs_done, started, limit, job, lease, task, self._read()[7]
+        self._BEAT.pack_into(self._map, 0, time.time(), jobs_done)
+
+    def begin(self, job: ClaimedJob, time_limit: float | None) -> None:
+        self._NAMES.pack_into(
+            self._map, self._NAMES_AT, job.id.encode(), job.lease.encode(), job.task.encode()
         )
+        self._CLOCK.pack_into(self._map, self._CLOCK_AT, time.time(), time_limit or 0.0)
 
-    def begin(self, job: ClaimedJob, time_limit: float | None, jobs_done: int) -> None:
-        self._write_head(0.0, time_limit or 0.0, job.id, job.lease, job.task, jobs_done)
-        self._write_head(time.time(), time_limit or 0.0, job.id, job.lease, job.task, jobs_done)
-
-    def end(self, jobs_done: int) -> None:
-        self._write_head(0.0, 0.0, "", "", "", jobs_done)
+    def end(self) -> None:
+        self._CLOCK.pack_into(self._map, self._CLOCK_AT, 0.0, 0.0)
 
     def running(self) -> tuple[str, str, str, float, float] | None:
         """``(job_id, lease, task, started, time_limit)`` of the running job, or ``None``."""
-        _, _, started, limit, job, lease, task, _ = self._read()
+        started, limit = self._CLOCK.unpack_from(self._map, self._CLOCK_AT)
         if not started:
             return None
-        if self._read()[2] != started:
+        job, lease, task = self._NAMES.unpack_from(self._map, self._NAMES_AT)
+        if self._CLOCK.unpack_from(self._map, self._CLOCK_AT)[0] != started:
             return None  # changed while we read it; look again next round
         return (
             job.rstrip(b"\0").decode(),
@@ -122,22 +110,20 @@ class Slot:
 
     @property
     def jobs_done(self) -> int:
-        return int(self._read()[1])
+        return int(self._BEAT.unpack_from(self._map, 0)[1])
 
     @property
     def heartbeat(self) -> float:
-        return float(self._read()[0])
+        return float(self._BEAT.unpack_from(self._map, 0)[0])
 
     def set_error(self, text: str) -> None:
         data = text.encode(errors="replace")[-self._TEXT :]
-        self._map[self._HEAD.size : self._HEAD.size + len(data)] = data
-        head = list(self._read())
-        head[7] = len(data)
-        self._HEAD.pack_into(self._map, 0, *head)
+        self._map[self._TEXT_AT : self._TEXT_AT + len(data)] = data
+        self._TEXT_LEN.pack_into(self._map, self._TEXT_LEN_AT, len(data))
 
     def error(self) -> str:
-        length = self._read()[7]
-        return self._map[self._HEAD.size : self._HEAD.size + length].decode(errors="replace")
+        (length,) = self._TEXT_LEN.unpack_from(self._map, self._TEXT_LEN_AT)
+        return self._map[self._TEXT_AT : self._TEXT_AT + length].decode(errors="replace")
 
     def close(self) -> None:
         self._map.close()
@@ -346,7 +332,7 @@ class Worker:
                 traceback=format_traceback(exc),
             )
         options = task.options
-        self.slot.begin(job, options.time_limit, self.jobs_done)
+        self.slot.begin(job, options.time_limit)
         self._current = f"{job.task}[{job.id}]"
         try:
             if options.soft_time_limit:
@@ -361,7 +347,7 @@ class Worker:
         except (Exception, SystemExit) as exc:
             return self._failed(job, task, exc)
         finally:
-            self.slot.end(self.jobs_done)
+            self.slot.end()
             self._current = None
         try:
             result = self.app.serializer.dumps(value)

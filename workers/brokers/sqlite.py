@@ -44,6 +44,9 @@ log = logging.getLogger("workers.brokers.sqlite")
 
 SCHEMA_VERSION = 1
 
+RECORD_CHUNK = 500
+"""Outcomes written per statement (8 parameters each, well below SQLite's limit)."""
+
 BUSY_POLL = 0.0005
 """Seconds between change checks in :meth:`SQLiteBroker.wait` while the queue is busy."""
 IDLE_POLL = 0.005
@@ -300,33 +303,43 @@ class SQLiteBroker(Broker):
         return jobs
 
     def record(self, outcomes: Sequence[Outcome], now: float) -> list[bool]:
+        # One statement per chunk of outcomes rather than one each. RETURNING names only
+        # job ids, so outcomes for the same job (stale and current lease) go one by one.
+        unique = len({outcome.job_id for outcome in outcomes}) == len(outcomes)
+        size = RECORD_CHUNK if unique else 1
         stored: list[bool] = []
         with self._write() as cursor:
-            for outcome in outcomes:
-                error = json.dumps(outcome.error) if outcome.error is not None else None
-                if outcome.state == states.RETRY:
-                    cursor.execute(
-                        "UPDATE forksafe_jobs SET state = 'RETRY', eta = ?, retries = retries + 1,"
-                        " lease = NULL, lease_until = NULL, error = ?, traceback = ?"
-                        " WHERE id = ? AND lease = ? AND state = 'STARTED'",
-                        (outcome.retry_at, error, outcome.traceback, outcome.job_id, outcome.lease),
-                    )
-                else:
-                    cursor.execute(
-                        "UPDATE forksafe_jobs SET state = ?, result = ?, error = ?, traceback = ?,"
-                        " finished_at = ?, lease = NULL, lease_until = NULL"
-                        " WHERE id = ? AND lease = ? AND state = 'STARTED'",
-                        (
-                            outcome.state,
-                            outcome.result,
-                            error,
-                            outcome.traceback,
-                            now,
-                            outcome.job_id,
-                            outcome.lease,
-                        ),
-                    )
-                stored.append(cursor.rowcount == 1)
+            for start in range(0, len(outcomes), size):
+                chunk = outcomes[start : start + size]
+                params: list[Any] = []
+                for outcome in chunk:
+                    params += [
+                        outcome.job_id,
+                        outcome.lease,
+                        outcome.state,
+                        outcome.result,
+                        json.dumps(outcome.error) if outcome.error is not None else None,
+                        outcome.traceback,
+                        outcome.retry_at,
+                        now,
+                    ]
+                rows = ",".join(["(?,?,?,?,?,?,?,?)"] * len(chunk))
+                cursor.execute(
+                    f"WITH v (jid, jlease, jstate, jresult, jerror, jtraceback, jeta, jnow) AS"
+                    f" (VALUES {rows})"
+                    " UPDATE forksafe_jobs SET state = v.jstate, result = v.jresult,"
+                    " error = v.jerror, traceback = v.jtraceback, lease = NULL,"
+                    " lease_until = NULL,"
+                    " finished_at = CASE WHEN v.jstate = 'RETRY' THEN NULL ELSE v.jnow END,"
+                    " eta = CASE WHEN v.jstate = 'RETRY' THEN v.jeta ELSE forksafe_jobs.eta END,"
+                    " retries = forksafe_jobs.retries + (v.jstate = 'RETRY')"
+                    " FROM v WHERE forksafe_jobs.id = v.jid AND forksafe_jobs.lease = v.jlease"
+                    " AND forksafe_jobs.state = 'STARTED'"
+                    " RETURNING forksafe_jobs.id",
+                    params,
+                )
+                kept = {row[0] for row in cursor.fetchall()}
+                stored += [outcome.job_id in kept for outcome in chunk]
         return stored
 
     def extend_leases(self, worker: str, lease_seconds: float, now: float) -> int:
