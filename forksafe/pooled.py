@@ -124,50 +124,48 @@ def _seconds(name: str, value: Any) -> float | None:
     return float(value)
 
 
-class _Shelf:
-    """The idle connections of every pool in this process built for one target.
+class _Family:
+    """The pools of one process built with identical arguments.
 
-    ``deque.append`` and ``popleft`` are atomic, so pools take from and give to the
-    shelf without a lock; the lock only guards draining it.
+    Their connections are interchangeable, so a pool with no idle connection of its own
+    borrows a sibling's before opening a new one, and warm-up counts the siblings' idle
+    connections. Each pool still owns its idle connections (its ``maxcached``, its
+    ``close()``); the family only keeps "a new pool per call" from adding sessions.
     """
 
     def __init__(self) -> None:
-        self.idle: deque[SteadyDBConnection] = deque()
-        self.pools = 0  # pools alive on this shelf
-        self.built = 0  # pools ever built on it in this process
+        self.pools: weakref.WeakSet[PooledDB] = weakref.WeakSet()
+        self.built = 0  # pools ever built in it, for the pool-per-call warning
         self.warned = False
-        self.lock = threading.Lock()
 
-    def drain(self, inherited_only: bool) -> list[SteadyDBConnection]:
-        """Remove and return the idle connections (only those of other processes if asked)."""
-        pid = os.getpid()
-        with self.lock:
-            keep: list[SteadyDBConnection] = []
-            gone: list[SteadyDBConnection] = []
-            while self.idle:
-                con = self.idle.popleft()
-                (gone if not inherited_only or con._pid != pid else keep).append(con)
-            self.idle.extend(keep)
-        return gone
+    def idle(self) -> int:
+        return sum(len(pool._idle) for pool in list(self.pools))
 
-    def _fork_child(self) -> None:
-        self.lock = threading.Lock()
+    def borrow(self, pool: PooledDB) -> SteadyDBConnection | None:
+        """Take an idle connection from a sibling of ``pool`` in this process, if any."""
+        for sibling in list(self.pools):
+            if sibling is not pool and sibling._pid == pool._pid:
+                try:
+                    return sibling._idle.popleft()  # atomic: no lock needed
+                except IndexError:
+                    continue
+        return None
 
 
-_shelves: weakref.WeakValueDictionary[Any, _Shelf] = weakref.WeakValueDictionary()
-_shelves_lock = threading.Lock()
+_families: weakref.WeakValueDictionary[Any, _Family] = weakref.WeakValueDictionary()
+_families_lock = threading.Lock()
 
 
-def _shelf_for(key: Any) -> _Shelf:
+def _family_for(key: Any) -> _Family:
     try:
         hash(key)
     except TypeError:
-        return _Shelf()  # unhashable connect arguments: a private shelf
-    with _shelves_lock:
-        shelf = _shelves.get(key)
-        if shelf is None:
-            shelf = _shelves[key] = _Shelf()
-        return shelf
+        return _Family()  # unhashable connect arguments: a family of one
+    with _families_lock:
+        family = _families.get(key)
+        if family is None:
+            family = _families[key] = _Family()
+        return family
 
 
 class _Lease:
@@ -229,7 +227,7 @@ class PooledDB(fork.ProcessBound):
         leaktime: float | None = None,
         **kwargs: Any,
     ) -> None:
-        self._shelf: _Shelf | None = None
+        self._idle: deque[SteadyDBConnection] = deque()
         threadsafety = _threadsafety(creator)
         if not threadsafety:
             raise NotSupportedError(
@@ -279,6 +277,9 @@ class PooledDB(fork.ProcessBound):
             ping,
             isfatal,
         )
+        self._family = _family_for(self._key)
+        self._family.pools.add(self)
+        self._family.built += 1
         self._reset_process_state()
         self._warn_if_many_pools()
         fork.register(self)
@@ -290,6 +291,7 @@ class PooledDB(fork.ProcessBound):
         self._pid = os.getpid()
         self._lock = threading.Condition(threading.Lock())
         self._connections = 0  # checked-out dedicated connections + shared entries
+        self._idle = deque()
         self._shared_cache: list[SharedDBConnection] = []
         self._shared_pending = 0
         self._warm = not self._mincached
@@ -309,21 +311,15 @@ class PooledDB(fork.ProcessBound):
             ),
             0,
         )
-        shelf = _shelf_for(self._key)
-        if shelf is not self._shelf:
-            shelf.pools += 1
-            shelf.built += 1
-            self._shelf = shelf
 
     def _warn_if_many_pools(self) -> None:
-        shelf = self._shelf
-        assert shelf is not None
-        if shelf.built > MANY_POOLS and not shelf.warned:
-            shelf.warned = True
+        family = self._family
+        if family.built > MANY_POOLS and not family.warned:
+            family.warned = True
             message = (
-                f"{shelf.built} PooledDB instances were built for the same database in this"
-                " process; build one pool at module level and share it (these pools share"
-                " their idle connections, so sessions stay bounded)"
+                f"{family.built} PooledDB instances were built for the same database in this"
+                " process; build one pool at module level and share it (these pools lend each"
+                " other idle connections, so sessions stay bounded)"
             )
             log.warning("%s", message)
             warnings.warn(message, ManyPoolsWarning, stacklevel=3)
@@ -336,11 +332,7 @@ class PooledDB(fork.ProcessBound):
 
     def _fork_child(self) -> None:
         """In a forked child: discard every inherited connection and start empty."""
-        shelf = self._shelf
-        inherited = [sc.con for sc in self._shared_cache]
-        if shelf is not None:
-            shelf._fork_child()
-            inherited += shelf.drain(inherited_only=True)
+        inherited = [sc.con for sc in self._shared_cache] + list(self._idle)
         self._reset_process_state()
         for con in inherited:
             con._discard()
@@ -372,10 +364,8 @@ class PooledDB(fork.ProcessBound):
         """Open connections until ``mincached`` are idle. Normally done at first checkout."""
         self._checkpid()
         self._warm = True
-        shelf = self._shelf
-        assert shelf is not None
-        for _ in range(self._mincached - len(shelf.idle)):
-            shelf.idle.append(self._open())
+        for _ in range(self._mincached - self._family.idle()):
+            self._idle.append(self._open())
 
     def _expired(self, con: SteadyDBConnection, now: float) -> bool:
         if self._maxage is not None and now - con._created_at > self._maxage * con._jitter:
@@ -414,6 +404,17 @@ class PooledDB(fork.ProcessBound):
                 " or maxwait, or return connections sooner"
             )
 
+    def _wake(self) -> None:
+        """Wake waiters (lock held) after a slot or a connection was freed.
+
+        With sharing, waiters want different things (a free slot, a shared connection
+        outside a transaction), so all of them re-check; otherwise any one can proceed.
+        """
+        if self._maxshared:
+            self._lock.notify_all()
+        else:
+            self._lock.notify()
+
     def _deadline(self) -> float | None:
         return None if self._maxwait is None else time.monotonic() + self._maxwait
 
@@ -433,7 +434,7 @@ class PooledDB(fork.ProcessBound):
         if shareable and self._maxshared:
             return self._shared_connection()
         lock = self._lock
-        idle = self._shelf.idle  # type: ignore[union-attr]
+        idle = self._idle
         with lock:  # critical section: take a slot and an idle connection
             if self._maxconnections and self._connections >= self._maxconnections:
                 self._wait_for_slot()
@@ -441,6 +442,8 @@ class PooledDB(fork.ProcessBound):
             self._stats["checkouts"] += 1
             con = idle.popleft() if idle else None
         try:
+            if con is None:
+                con = self._family.borrow(self)
             con = self._ready(con)
         except BaseException:
             self._give_back_slot()
@@ -460,7 +463,7 @@ class PooledDB(fork.ProcessBound):
     def _give_back_slot(self) -> None:
         with self._lock:
             self._connections -= 1
-            self._lock.notify()
+            self._wake()
 
     def dedicated_connection(self) -> Any:
         """Check out a connection that is never shared: ``connection(shareable=False)``."""
@@ -470,6 +473,7 @@ class PooledDB(fork.ProcessBound):
         deadline = self._deadline()
         lock = self._lock
         shared: SharedDBConnection | None = None
+        con: SteadyDBConnection | None = None
         with lock:
             while True:
                 while (
@@ -478,11 +482,11 @@ class PooledDB(fork.ProcessBound):
                     and self._connections >= self._maxconnections
                 ):
                     self._wait(deadline)
-                if len(self._shared_cache) + self._shared_pending < self._maxshared:
+                below_max = not self._maxconnections or self._connections < self._maxconnections
+                if below_max and len(self._shared_cache) + self._shared_pending < self._maxshared:
                     self._connections += 1
                     self._shared_pending += 1
-                    idle = self._shelf.idle  # type: ignore[union-attr]
-                    con = idle.popleft() if idle else None
+                    con = self._idle.popleft() if self._idle else None
                     break
                 if not self._shared_cache:
                     self._wait(deadline)
@@ -499,18 +503,20 @@ class PooledDB(fork.ProcessBound):
             shared.con._ping_check()
             return PooledSharedDBConnection(self, shared)
         try:
+            if con is None:
+                con = self._family.borrow(self)
             ready = self._ready(con)
         except BaseException:
             with lock:
                 self._connections -= 1
                 self._shared_pending -= 1
-                lock.notify()
+                self._wake()
             raise
         shared = SharedDBConnection(ready)
         with lock:
             self._shared_pending -= 1
             self._shared_cache.append(shared)
-            lock.notify()
+            self._wake()
         return PooledSharedDBConnection(self, shared)
 
     # -- return ---------------------------------------------------------------------
@@ -535,15 +541,14 @@ class PooledDB(fork.ProcessBound):
             self._stats["reconnects"] += con._reconnects
             con._reconnects = 0
         con._reset(force=self._reset)
-        shelf = self._shelf
-        assert shelf is not None
-        with self._lock:  # critical section: hand back the slot, shelve or drop
+        idle = self._idle
+        with self._lock:  # critical section: hand back the slot, keep or drop
             self._connections -= 1
-            keep = not con._closed and (not self._maxcached or len(shelf.idle) < self._maxcached)
+            keep = not con._closed and (not self._maxcached or len(idle) < self._maxcached)
             if keep:
                 con._idle_since = time.monotonic()
-                shelf.idle.append(con)
-            self._lock.notify()
+                idle.append(con)
+            self._wake()
         if not keep:
             self._close_con(con)
 
@@ -615,7 +620,7 @@ class PooledDB(fork.ProcessBound):
         with self._lock:
             stats = dict(self._stats)
             stats["in_use"] = self._connections
-            stats["idle"] = len(self._shelf.idle)  # type: ignore[union-attr]
+            stats["idle"] = len(self._idle)
             stats["shared"] = len(self._shared_cache)
             stats["maxconnections"] = self._maxconnections
         return stats
@@ -627,9 +632,9 @@ class PooledDB(fork.ProcessBound):
         In a forked child it closes nothing of the parent's; it only forgets them.
         """
         self._checkpid()
-        shelf = self._shelf
-        gone = shelf.drain(inherited_only=False) if shelf is not None else []
         with self._lock:
+            gone = list(self._idle)
+            self._idle.clear()
             if self._shared_cache:
                 gone += [sc.con for sc in self._shared_cache]
                 self._connections -= len(self._shared_cache)
@@ -640,11 +645,7 @@ class PooledDB(fork.ProcessBound):
             self._close_con(con)
 
     def __del__(self) -> None:
-        shelf = getattr(self, "_shelf", None)
-        if shelf is None:
-            return
-        shelf.pools -= 1
-        if shelf.pools <= 0 or self._shared_cache:
+        if self.__dict__.get("_idle") or self.__dict__.get("_shared_cache"):
             with suppress(Exception):
                 self.close()
 
