@@ -471,6 +471,15 @@ def test_a_failed_commit_raises_and_replaces_the_connection(steady_db: ModuleTyp
     assert number_of(db) == 2
 
 
+def test_a_dropped_steady_connection_is_closed(steady_db: ModuleType) -> None:
+    db = steady_db.connect(fakedb)
+    number_of(db)
+    del db
+
+    assert wait_until(lambda: raw(1).closed)
+    assert fakedb.counts.closes == 1
+
+
 def test_connect_takes_the_dbutils_positional_parameters(steady_db: ModuleType) -> None:
     db = steady_db.connect(fakedb, 2, ["set role app"], fakedb.ProgrammingError, 0, False, None)
     fakedb.fail_next(1, "execute", fakedb.ProgrammingError)
@@ -1185,6 +1194,17 @@ def test_returning_a_connection_twice_is_harmless(pooled_db: Any) -> None:
     with pytest.raises(pooled_db.TooManyConnectionsError):
         pool.connection()
     assert number_of(first) == 1
+
+
+def test_a_dropped_pooled_connection_goes_back_to_the_pool(pooled_db: Any) -> None:
+    pool = pooled_db.PooledDB(fakedb, maxconnections=1)
+    number_of(pool.connection())  # checked out and dropped at once
+    gc.collect()
+    assert fakedb.counts.rollbacks == 1  # reset=True, as if it had been closed
+
+    db = pool.connection()
+    assert number_of(db) == 1
+    assert fakedb.counts.closes == 0
 
 
 def test_dedicated_connection_is_connection_not_shareable(pooled_db: Any) -> None:
