@@ -1176,6 +1176,16 @@ def test_pooled_connection_context_returns_the_connection_without_committing(
     assert number_of(pool.connection()) == 1
 
 
+def test_shared_connections_work_as_context_managers(pooled_db: Any) -> None:
+    pool = pooled_db.PooledDB(fakedb, maxshared=1)
+    with pool.connection() as first, pool.connection() as second:
+        assert number_of(first) == number_of(second) == 1
+
+    db = pool.dedicated_connection()
+    assert number_of(db) == 1
+    assert fakedb.counts.connects == 1
+
+
 def test_using_a_returned_connection_raises_invalid_connection(pooled_db: Any) -> None:
     pool = pooled_db.PooledDB(fakedb)
     db = pool.connection()
