@@ -1,0 +1,348 @@
+"""What forksafe pools do beyond DBUtils: waits with a deadline, lifetimes, leak reports,
+stats, laziness, bounded sessions for pool-per-call code, and clear errors for bad input.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fakedb
+import pytest
+
+import forksafe
+from forksafe import PersistentDB, PooledDB
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def fresh_fakedb() -> Iterator[None]:
+    gc.collect()
+    fakedb.reset()
+    yield
+    fakedb.reset()
+
+
+def number_of(db: Any) -> int:
+    cursor = db.cursor()
+    cursor.execute("select connection_number")
+    number = int(cursor.fetchone()[0])
+    cursor.close()
+    return number
+
+
+def poll(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+# -- laziness ------------------------------------------------------------------------
+
+
+def test_creating_a_pool_opens_nothing_and_first_use_warms_mincached() -> None:
+    pool = PooledDB(fakedb, mincached=3)
+    assert fakedb.counts.connects == 0
+    pool.connection().close()
+    assert fakedb.counts.connects == 3
+    assert pool.stats()["idle"] == 3
+
+
+def test_warm_opens_mincached_connections_on_request() -> None:
+    pool = PooledDB(fakedb, mincached=2)
+    pool.warm()
+    assert fakedb.counts.connects == 2
+    pool.warm()
+    assert fakedb.counts.connects == 2
+
+
+def test_deleting_a_pool_closes_its_idle_connections_at_once() -> None:
+    pool = PooledDB(fakedb, mincached=2)
+    pool.warm()
+    del pool
+    assert fakedb.counts.closes == 2
+
+
+# -- maxwait, maxage, maxidle --------------------------------------------------------
+
+
+def test_a_blocking_pool_gives_up_after_maxwait() -> None:
+    pool = PooledDB(fakedb, maxconnections=1, blocking=True, maxwait=0.2)
+    held = pool.connection()
+    started = time.monotonic()
+    with pytest.raises(forksafe.PoolTimeoutError, match=r"maxwait=0\.2"):
+        pool.connection()
+    assert 0.15 < time.monotonic() - started < 5
+    stats = pool.stats()
+    assert (stats["timeouts"], stats["waits"]) == (1, 1)
+    held.close()
+    pool.connection().close()
+
+
+def test_pool_timeout_is_a_too_many_connections_error() -> None:
+    assert issubclass(forksafe.PoolTimeoutError, forksafe.TooManyConnectionsError)
+
+
+def test_a_waiter_gets_the_connection_returned_within_maxwait() -> None:
+    pool = PooledDB(fakedb, maxconnections=1, blocking=True, maxwait=5)
+    held = pool.connection()
+    number = number_of(held)
+    timer = threading.Timer(0.1, held.close)
+    timer.start()
+    assert number_of(pool.connection()) == number
+    timer.join()
+
+
+def test_maxage_replaces_an_old_connection_at_checkout() -> None:
+    pool = PooledDB(fakedb, maxage=0.05)
+    first = pool.connection()
+    number = number_of(first)
+    first.close()
+    time.sleep(0.06)
+    second = pool.connection()
+    assert number_of(second) != number
+    assert fakedb.connections[number - 1].closed
+    assert pool.stats()["connections_recycled"] == 1
+
+
+def test_maxage_never_replaces_a_connection_in_use() -> None:
+    pool = PooledDB(fakedb, maxage=0.05)
+    db = pool.connection()
+    db.begin()
+    number = number_of(db)
+    time.sleep(0.06)
+    assert number_of(db) == number
+    db.commit()
+    db.close()
+
+
+def test_maxage_is_shortened_by_a_little_jitter_per_connection() -> None:
+    pool = PooledDB(fakedb, maxage=100)
+    cons = [pool.connection() for _ in range(10)]
+    jitters = {db._con._jitter for db in cons}
+    assert len(jitters) > 1
+    assert all(0.9 <= j <= 1.0 for j in jitters)
+
+
+def test_maxidle_replaces_a_connection_idle_too_long() -> None:
+    pool = PooledDB(fakedb, maxidle=0.05)
+    db = pool.connection()
+    number = number_of(db)
+    db.close()
+    assert number_of(pool.connection()) == number  # idle only briefly: reused
+    time.sleep(0.06)
+    assert number_of(pool.connection()) != number
+
+
+# -- leaks ---------------------------------------------------------------------------
+
+
+def test_a_connection_held_past_leaktime_is_reported_with_its_checkout_stack(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = PooledDB(fakedb, leaktime=0.05)
+    held = pool.connection()
+    time.sleep(0.06)
+    with caplog.at_level(logging.WARNING, logger="forksafe"):
+        pool.connection().close()
+    assert "leaktime" in caplog.text
+    assert "test_a_connection_held_past_leaktime" in caplog.text
+    assert pool.stats()["leaks"] == 1
+    held.close()
+    assert pool.stats()["leaks"] == 1  # reported once
+
+
+def test_a_connection_dropped_without_close_is_reported_and_returned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = PooledDB(fakedb, leaktime=60)
+
+    def leak() -> None:
+        pool.connection()
+
+    with caplog.at_level(logging.WARNING, logger="forksafe"):
+        leak()
+        gc.collect()
+    assert "garbage collected without close()" in caplog.text
+    assert "def leak" in caplog.text or "leak()" in caplog.text
+    assert pool.stats()["idle"] == 1
+    assert pool.stats()["in_use"] == 0
+
+
+# -- stats ---------------------------------------------------------------------------
+
+
+def test_stats_are_named_counters() -> None:
+    pool = PooledDB(fakedb, maxconnections=2)
+    with pool.connection(), pool.connection():
+        busy = pool.stats()
+    stats = pool.stats()
+    assert busy["in_use"] == 2
+    assert stats["in_use"] == 0
+    assert stats["idle"] == 2
+    assert stats["checkouts"] == 2
+    assert stats["connections_created"] == 2
+    assert stats["maxconnections"] == 2
+    assert all(isinstance(value, int) for value in stats.values())
+
+
+def test_stats_count_transparent_reconnects() -> None:
+    pool = PooledDB(fakedb, ping=0)
+    db = pool.connection()
+    db._con.dbapi_connection.die()
+    number_of(db)  # fails over to a new connection
+    db.close()
+    assert pool.stats()["reconnects"] == 1
+
+
+# -- pool per call -------------------------------------------------------------------
+
+
+def test_building_many_pools_for_one_target_warns_naming_the_call_site() -> None:
+    pools = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(forksafe.pooled.MANY_POOLS + 2):
+            pools.append(PooledDB(fakedb, mincached=2))
+    many = [w for w in caught if issubclass(w.category, forksafe.ManyPoolsWarning)]
+    assert len(many) == 1
+    assert many[0].filename == __file__
+
+
+def test_pools_of_one_target_lend_each_other_idle_connections() -> None:
+    registry = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", forksafe.ManyPoolsWarning)
+        for _ in range(10):
+            pool = PooledDB(fakedb, mincached=2)
+            registry.append(pool)  # kept alive, as web.py's registry does
+            number_of(pool.connection())
+    assert fakedb.counts.connects == 2
+
+
+@pytest.mark.postgres
+def test_pool_per_call_keeps_server_sessions_bounded(postgres: Any) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    app = f"percall-{uuid.uuid4().hex[:8]}"
+    registry = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", forksafe.ManyPoolsWarning)
+        for _ in range(10):
+            pool = PooledDB(psycopg2, 2, application_name=app, **postgres.kwargs)
+            registry.append(pool)
+            with pool.connection() as db:
+                cursor = db.cursor()
+                cursor.execute("SELECT 1")
+    assert sessions(postgres, app) <= 2
+
+
+def sessions(postgres: Any, app: str, state: str | None = None) -> int:
+    admin = postgres.connect()
+    try:
+        cursor = admin.cursor()
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        args: tuple[Any, ...] = (app,)
+        if state is not None:
+            sql += " AND state = %s"
+            args += (state,)
+        cursor.execute(sql, args)
+        return int(cursor.fetchone()[0])
+    finally:
+        admin.close()
+
+
+# -- PersistentDB --------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_persistent_connections_close_when_their_threads_end(postgres: Any) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    app = f"threads-{uuid.uuid4().hex[:8]}"
+    persist = PersistentDB(psycopg2, application_name=app, **postgres.kwargs)
+
+    def work() -> None:
+        db = persist.connection()
+        cursor = db.cursor()
+        cursor.execute("SELECT 1")
+        db.close()
+
+    for _ in range(50):
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(10)
+    assert poll(lambda: sessions(postgres, app) == 0), sessions(postgres, app)
+    assert persist.stats()["connections_open"] == 0
+
+
+@pytest.mark.postgres
+def test_closing_a_persistent_connection_never_leaves_it_idle_in_transaction(
+    postgres: Any,
+) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    app = f"idletx-{uuid.uuid4().hex[:8]}"
+    persist = PersistentDB(psycopg2, application_name=app, **postgres.kwargs)
+    db = persist.connection()
+    cursor = db.cursor()
+    cursor.execute("SELECT 1")
+    assert sessions(postgres, app, "idle in transaction") == 1
+    db.close()
+    assert sessions(postgres, app, "idle in transaction") == 0
+    assert sessions(postgres, app, "idle") == 1
+    assert persist.connection() is db
+
+
+# -- bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("creator", [42, "psycopg2", None])
+def test_a_creator_that_cannot_connect_is_refused_by_name(creator: Any) -> None:
+    with pytest.raises(TypeError, match="creator="):
+        PooledDB(creator)
+
+
+@pytest.mark.parametrize("name", ["mincached", "maxcached", "maxshared", "maxconnections"])
+def test_negative_sizes_are_refused_by_name(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}=-1"):
+        PooledDB(fakedb, **{name: -1})
+
+
+@pytest.mark.parametrize("name", ["maxwait", "maxage", "maxidle", "leaktime"])
+@pytest.mark.parametrize("value", [0, -1, "5"])
+def test_bad_durations_are_refused_by_name(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"{name}="):
+        PooledDB(fakedb, **{name: value})
+
+
+def test_maxcached_below_mincached_is_refused() -> None:
+    with pytest.raises(ValueError, match="maxcached=1 is below mincached=3"):
+        PooledDB(fakedb, mincached=3, maxcached=1)
+
+
+def test_a_driver_that_is_not_thread_safe_is_refused_by_name() -> None:
+    fakedb.threadsafety = 0
+    with pytest.raises(forksafe.NotSupportedError, match="threadsafety=0"):
+        PooledDB(fakedb)
+
+
+@pytest.mark.postgres
+def test_an_unreachable_server_fails_fast_and_frees_the_slot() -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the probe closes
+    pool = PooledDB(psycopg2, maxconnections=1, host="127.0.0.1", port=port, connect_timeout=3)
+    for _ in range(2):  # the slot comes back: the second attempt fails the same way
+        with pytest.raises(psycopg2.OperationalError):
+            pool.connection()
+    assert pool.stats()["in_use"] == 0
