@@ -96,7 +96,12 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forksafe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="forksafe",
+        description="Run workers, submit jobs, look at the queue.",
+        epilog="Broker: --broker URL, else the tasks module's App, else FORKSAFE_BROKER, "
+        "else sqlite:///forksafe.db.",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -105,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a supervisor and its workers")
     run.add_argument("target", metavar="PATH_OR_MODULE[:app]")
-    run.add_argument("--workers", "-w", type=_positive_int, default=os.cpu_count() or 2)
+    run.add_argument(
+        "--workers",
+        "-w",
+        type=_positive_int,
+        default=os.cpu_count() or 2,
+        help="worker processes to fork (default: one per CPU)",
+    )
     run.add_argument("--broker", help="broker URL (overrides the App's)")
     run.add_argument(
         "--queues",
@@ -114,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated queues to serve (default: the App's default queue)",
     )
-    run.add_argument("--max-tasks-per-child", type=_positive_int, default=None)
+    run.add_argument(
+        "--max-tasks-per-child",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="replace a worker after it has run N jobs",
+    )
     run.add_argument(
         "--max-memory-per-child",
         type=float,
@@ -122,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MIB",
         help="replace a worker whose RSS exceeds this many MiB (between jobs)",
     )
-    run.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS")
+    run.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on TERM/INT, running jobs get this long before they are killed "
+        "and re-queued (default 30)",
+    )
     run.add_argument(
         "--prefetch",
         type=_positive_int,
