@@ -62,6 +62,7 @@ from typing import Any, ClassVar, NoReturn
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import pymysql
 import pytest
