@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
 log = logging.getLogger("forksafe")
 
-__all__ = ["discard", "in_transaction", "socket_fd"]
+__all__ = ["discard", "in_transaction", "socket_fd", "transaction_probe"]
 
 # Connections that could not be detached: referenced forever so no finaliser runs.
 _kept_alive: list[Any] = []
@@ -118,31 +119,44 @@ def _is_closed(con: Any) -> bool:
     return False
 
 
-def in_transaction(con: Any) -> bool | None:
-    """Whether ``con`` has a transaction open; None when the driver cannot tell.
+def _psycopg_in_transaction(con: Any) -> bool | None:
+    # psycopg2 and psycopg 3: TRANSACTION_STATUS_IDLE == 0; active, in trans, error count.
+    return bool(con.info.transaction_status != 0)
 
-    Cheap: reads client-side state only, never talks to the server.
+
+def _pymysql_in_transaction(con: Any) -> bool | None:
+    if con._sock is None:
+        return False
+    # The server's last status: IN_TRANS (1) is reliable when set, but a read-only
+    # transaction holding a snapshot is not reported. Only AUTOCOMMIT (2) without
+    # IN_TRANS proves there is none.
+    status = con.server_status
+    if status & 1:
+        return True
+    return False if status & 2 else None
+
+
+def _generic_in_transaction(con: Any) -> bool | None:
+    value = getattr(con, "in_transaction", None)  # sqlite3 and others
+    return value if isinstance(value, bool) else None
+
+
+def transaction_probe(con: Any) -> Callable[[Any], bool | None]:
+    """The function that tells, for connections like ``con``, whether one has a transaction
+    open: True, False, or None when the driver cannot tell. Picked once per connection;
+    the probe reads client-side state only and never talks to the server.
     """
+    module = _module_of(con)
+    if module.startswith("psycopg"):
+        return _psycopg_in_transaction
+    if module.startswith("pymysql"):
+        return _pymysql_in_transaction
+    return _generic_in_transaction
+
+
+def in_transaction(con: Any) -> bool | None:
+    """Whether ``con`` has a transaction open; None when the driver cannot tell. Never raises."""
     try:
-        module = _module_of(con)
-        if module.startswith("psycopg2"):
-            # TRANSACTION_STATUS_IDLE == 0; anything else (active, in trans, error) counts.
-            return bool(con.info.transaction_status != 0)
-        if module.startswith("psycopg"):
-            return bool(con.info.transaction_status != 0)
-        if module.startswith("pymysql"):
-            if con._sock is None:
-                return False
-            # The server's last status: IN_TRANS (1) is reliable when set, but a read-only
-            # transaction holding a snapshot is not reported. Only AUTOCOMMIT (2) without
-            # IN_TRANS proves there is none.
-            status = con.server_status
-            if status & 1:
-                return True
-            return False if status & 2 else None
-        value = getattr(con, "in_transaction", None)
-        if isinstance(value, bool):
-            return value
+        return transaction_probe(con)(con)
     except Exception:
         return None
-    return None

@@ -21,7 +21,9 @@ idempotent: an object is reset at most once per process.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ __all__ = [
     "ProcessBound",
     "after_fork",
     "generation",
+    "getpid",
     "note_process",
     "register",
     "reset_lock",
@@ -45,6 +48,46 @@ __all__ = [
 #: system call; connections use it to notice cheaply that they may have been inherited.
 generation = 0
 _pid = os.getpid()
+
+
+# Linux's MADV_WIPEONFORK (4.14+; not exported by every Python's mmap module).
+_MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18 if sys.platform == "linux" else None)
+
+
+def _wipe_on_fork_page() -> mmap.mmap | None:
+    """A private page the kernel zeroes in every child, however the fork was made."""
+    if _MADV_WIPEONFORK is None:
+        return None
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        page.madvise(_MADV_WIPEONFORK)
+    except (AttributeError, OSError, ValueError):
+        return None
+    page[0] = 1
+    return page
+
+
+_page = _wipe_on_fork_page()
+_cached_pid = os.getpid()
+
+
+def getpid() -> int:
+    """``os.getpid()``, without its system call while this process has not forked.
+
+    Pools compare pids at every checkout and return, to catch forks that ran no Python
+    hook (uWSGI's). ``os.getpid()`` is a system call; reading a byte of a page the kernel
+    wipes in every child is not. Where the kernel cannot wipe pages, falls back to
+    ``os.getpid()``.
+    """
+    global _cached_pid
+    page = _page
+    if page is not None and page[0]:
+        return _cached_pid
+    pid = os.getpid()
+    if page is not None:
+        _cached_pid = pid
+        page[0] = 1
+    return pid
 
 
 def note_process() -> bool:
@@ -90,9 +133,9 @@ class ProcessBound:
 
     def _checkpid(self) -> None:
         """Run the child-side reset if this object is used in a new process."""
-        if self._pid != os.getpid():
+        if self._pid != getpid():
             with reset_lock():
-                if self._pid != os.getpid():
+                if self._pid != getpid():
                     note_process()
                     self._fork_child()
 

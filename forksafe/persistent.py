@@ -18,7 +18,6 @@ What differs from DBUtils, and why:
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -78,7 +77,7 @@ class PersistentDB(fork.ProcessBound):
         self._args, self._kwargs = args, kwargs
         self._threadlocal = threadlocal or threading.local
         self._opened: weakref.WeakSet[SteadyDBConnection] = weakref.WeakSet()
-        self._pid = os.getpid()
+        self._pid = fork.getpid()
         self.thread = self._threadlocal()
         fork.register(self)
 
@@ -102,7 +101,7 @@ class PersistentDB(fork.ProcessBound):
         ``shareable`` exists for compatibility with PooledDB; persistent connections are
         never shared. Connect errors from the driver propagate.
         """
-        if self._pid != os.getpid():
+        if self._pid != fork.getpid():
             self._checkpid()
         con: SteadyDBConnection | None = getattr(self.thread, "connection", None)
         if con is None or con._closed:
@@ -136,4 +135,4 @@ class PersistentDB(fork.ProcessBound):
             con._discard()
         self._opened = weakref.WeakSet()
         self.thread = self._threadlocal()
-        self._pid = os.getpid()
+        self._pid = fork.getpid()

@@ -41,7 +41,6 @@ Beyond DBUtils (keyword-only, all off by default):
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -288,7 +287,7 @@ class PooledDB(fork.ProcessBound):
 
     def _reset_process_state(self) -> None:
         """Fresh lock, counters and caches for the current process; opens nothing."""
-        self._pid = os.getpid()
+        self._pid = fork.getpid()
         self._lock = threading.Condition(threading.Lock())
         self._connections = 0  # checked-out dedicated connections + shared entries
         self._idle = deque()
@@ -427,7 +426,7 @@ class PooledDB(fork.ProcessBound):
         seconds if set (then :class:`PoolTimeoutError`). Connect errors from the driver
         propagate; the slot they took is given back.
         """
-        if self._pid != os.getpid():
+        if self._pid != fork.getpid():
             self._checkpid()
         if not self._warm:
             self.warm()
@@ -534,7 +533,7 @@ class PooledDB(fork.ProcessBound):
 
     def cache(self, con: SteadyDBConnection) -> None:
         """Return a connection: roll back as ``reset`` says, then keep or close it."""
-        if con._pid != os.getpid():
+        if con._pid != fork.getpid():
             con._discard()  # checked out before a fork: not ours to reuse or close
             return
         if con._reconnects:
@@ -777,7 +776,7 @@ class PooledSharedDBConnection:
             shared = self._shared_con
             self._shared_con = self._con = None
             if shared is not None:
-                if shared.con._pid != os.getpid():
+                if shared.con._pid != fork.getpid():
                     return  # inherited through fork: the pool already forgot it
                 self._pool.unshare(shared)
 

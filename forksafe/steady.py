@@ -19,7 +19,6 @@ so the parent's session never receives a goodbye.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -247,10 +246,11 @@ class SteadyDBConnection:
         if self._pid:
             self._reconnects += 1
         self._con = con
+        self._in_transaction = drivers.transaction_probe(con)
         self._transaction = False
         self._closed = False
         self._usage = 0
-        self._pid = os.getpid()
+        self._pid = fork.getpid()
         self._generation = fork.generation
         self._created_at = self._idle_since = time.monotonic()
 
@@ -272,7 +272,7 @@ class SteadyDBConnection:
             self._closed = True
             self._transaction = False
             con, self._con = self._con, None
-            if self._pid == os.getpid():
+            if self._pid == fork.getpid():
                 with suppress(Exception):
                     con.close()
             else:
@@ -288,19 +288,26 @@ class SteadyDBConnection:
 
     def _check_process(self) -> None:
         """Refuse to work in a process that did not open this connection."""
-        if self._generation != fork.generation and self._pid != os.getpid():
+        if self._generation != fork.generation and self._pid != fork.getpid():
             raise ForkedConnectionError(
                 f"this connection was opened by process {self._pid} and inherited through"
-                f" fork() by process {os.getpid()}; using it would mix both processes'"
+                f" fork() by process {fork.getpid()}; using it would mix both processes'"
                 " queries on one socket. Get a new connection from the pool in this process"
             )
         if self._generation != fork.generation:
             self._generation = fork.generation
 
+    def _driver_in_transaction(self) -> bool | None:
+        """What the driver says of an open transaction: True, False or None (cannot tell)."""
+        try:
+            return self._in_transaction(self._con)
+        except Exception:
+            return None
+
     def _reset(self, force: bool = False) -> None:
         """Roll back if forced or a transaction was begun; skipped if the driver says idle."""
         if not self._closed and (force or self._transaction):
-            if not self._transaction and drivers.in_transaction(self._con) is False:
+            if not self._transaction and self._driver_in_transaction() is False:
                 return
             with suppress(Exception):
                 self.rollback()
@@ -389,8 +396,8 @@ class SteadyDBConnection:
             self._close()
         elif (
             not self._closed
-            and self._pid == os.getpid()
-            and (self._transaction or drivers.in_transaction(self._con) is not False)
+            and self._pid == fork.getpid()
+            and (self._transaction or self._driver_in_transaction() is not False)
         ):
             self._reset(force=True)
 
@@ -552,15 +559,15 @@ class SteadyDBCursor:
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         """Execute a statement; retried once on a fresh connection outside a transaction."""
-        return self._call("execute", args, kwargs)
+        return self._call("execute", args, kwargs, True)
 
     def executemany(self, *args: Any, **kwargs: Any) -> Any:
         """Execute a statement for many parameter sets, with the same failover."""
-        return self._call("executemany", args, kwargs)
+        return self._call("executemany", args, kwargs, True)
 
     def callproc(self, *args: Any, **kwargs: Any) -> Any:
         """Call a stored procedure, with the same failover."""
-        return self._call("callproc", args, kwargs)
+        return self._call("callproc", args, kwargs, False)
 
     def fetchone(self) -> Any:
         """Fetch the next row from the driver cursor."""
@@ -574,14 +581,13 @@ class SteadyDBCursor:
         """Fetch the next rows from the driver cursor."""
         return self._cursor.fetchmany(*args, **kwargs)
 
-    def _call(self, name: str, args: Any, kwargs: Any) -> Any:
+    def _call(self, name: str, args: Any, kwargs: Any, execute: bool) -> Any:
         con = self._con
         transaction = con._transaction
         if con._generation != fork.generation:
             con._check_process()
         if not transaction and con._ping & 4:
             con._ping_check(4)
-        execute = name.startswith("execute")
         try:
             if con._maxusage and con._usage >= con._maxusage and not transaction:
                 raise _Overused
@@ -675,7 +681,8 @@ class SteadyDBCursor:
         cursor = self.__dict__.get("_cursor")
         if cursor:
             if name.startswith(("execute", "call")):
-                return lambda *args, **kwargs: self._call(name, args, kwargs)
+                execute = name.startswith("execute")
+                return lambda *args, **kwargs: self._call(name, args, kwargs, execute)
             return getattr(cursor, name)
         raise InvalidCursorError(f"cursor has no driver cursor; cannot get {name!r}")
 

@@ -684,8 +684,16 @@ def test_maxcached_limits_idle_connections_and_closes_the_surplus(
     assert len(fakedb.open_connections()) == 2
 
 
-def test_maxcached_is_raised_to_mincached(pooled_db: Any) -> None:
-    pool = pooled_db.PooledDB(fakedb, mincached=3, maxcached=1)
+def test_maxcached_below_mincached_is_raised_by_dbutils_and_refused_by_forksafe(
+    impl: Implementation,
+) -> None:
+    # Deliberate difference: DBUtils silently raises maxcached to mincached; forksafe
+    # names the contradiction instead of guessing which of the two the caller meant.
+    if impl.name == "forksafe":
+        with pytest.raises(ValueError, match="maxcached=1 is below mincached=3"):
+            impl.pooled_db.PooledDB(fakedb, mincached=3, maxcached=1)
+        return
+    pool = impl.pooled_db.PooledDB(fakedb, mincached=3, maxcached=1)
     connections = [pool.connection() for _ in range(3)]
     for db in connections:
         db.close()
