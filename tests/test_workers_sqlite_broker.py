@@ -12,6 +12,8 @@ import pytest
 
 from workers import states
 from workers.brokers import NewJob, Outcome, create_broker, mask_url, parse_url
+from workers.brokers.doorbell import SUPPORTED as DOORBELL_SUPPORTED
+from workers.brokers.doorbell import Doorbell
 from workers.brokers.sqlite import SCHEMA_VERSION, SQLiteBroker
 from workers.errors import BrokerError, BrokerURLError
 
@@ -244,3 +246,38 @@ def test_revoke_retry_purge_and_result_expiry(tmp_path: Path) -> None:
     assert broker.purge([states.SUCCESS, states.EXPIRED], finished_before=None) == 1
     assert [j.id for j in broker.jobs(None, 10)] == ["x"]
     assert broker.outstanding(["default"], now + 3) == 1
+
+
+@pytest.mark.skipif(not DOORBELL_SUPPORTED, reason="needs Linux abstract sockets")
+def test_the_doorbell_wakes_a_waiter_and_clears_markers_of_dead_waiters(tmp_path: Path) -> None:
+    directory = str(tmp_path / "queue.db-wake")
+    waiter, ringer = Doorbell(directory), Doorbell(directory)
+    assert not waiter.wait(0.01)  # arms, nobody rang
+    stale = tmp_path / "queue.db-wake" / "forksafe-999999-1-dead"
+    stale.write_text("")
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(waiter.wait(10)))
+    started = time.monotonic()
+    thread.start()
+    ringer.ring()
+    thread.join(10)
+    assert result == [True] and time.monotonic() - started < 5
+    assert not stale.exists()
+
+
+@pytest.mark.timeout(30)
+def test_wait_returns_when_another_process_commits(tmp_path: Path) -> None:
+    broker = make_broker(tmp_path)
+    broker.wait(0.01)  # start listening
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_enqueue_one, args=(broker.path,))
+    started = time.monotonic()
+    proc.start()
+    broker.wait(20)
+    proc.join(10)
+    assert time.monotonic() - started < 15
+    assert broker.counts(time.time()) == {"default": {states.PENDING: 1}}
+
+
+def _enqueue_one(path: str) -> None:
+    create_broker(f"sqlite:///{path}").enqueue([job("late")], time.time())

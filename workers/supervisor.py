@@ -447,7 +447,6 @@ class Supervisor:
                 handle.retiring = True
                 self._kill(handle, signal.SIGTERM)
             deadline = time.monotonic() + self.config.graceful_timeout
-            self._signal_queue.clear()
             while self.workers and time.monotonic() < deadline:
                 self._sleep(min(self.config.tick, max(0.0, deadline - time.monotonic())))
                 if any(

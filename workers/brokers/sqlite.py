@@ -38,6 +38,8 @@ from workers.brokers.base import (
     Outcome,
     WorkerInfo,
 )
+from workers.brokers.doorbell import SUPPORTED as DOORBELL_SUPPORTED
+from workers.brokers.doorbell import Doorbell
 from workers.errors import BrokerError, BrokerURLError
 
 log = logging.getLogger("workers.brokers.sqlite")
@@ -46,6 +48,9 @@ SCHEMA_VERSION = 1
 
 RECORD_CHUNK = 500
 """Outcomes written per statement (8 parameters each, well below SQLite's limit)."""
+
+SAFETY_POLL = 0.05
+"""Seconds between database checks of a waiter that relies on the doorbell."""
 
 BUSY_POLL = 0.0005
 """Seconds between change checks in :meth:`SQLiteBroker.wait` while the queue is busy."""
@@ -145,6 +150,7 @@ class SQLiteBroker(Broker):
                 f"the path in {url.masked()!r}"
             )
         self._local = threading.local()
+        self._doorbell = Doorbell(self.path + "-wake") if DOORBELL_SUPPORTED else None
         # SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, which caps a
         # contended queue at a few hundred transactions a second; waits are done here
         # instead (see _begin), so the connections do not wait at all. "database is
@@ -171,8 +177,11 @@ class SQLiteBroker(Broker):
         return self._pool.connection()
 
     @contextmanager
-    def _write(self) -> Iterator[Any]:
-        """A cursor inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error)."""
+    def _write(self, ring: bool = False) -> Iterator[Any]:
+        """A cursor inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error).
+
+        With ``ring``, local waiters are woken after the commit.
+        """
         cursor = self._connection().cursor()
         self._retry_busy(cursor, "BEGIN IMMEDIATE")
         try:
@@ -181,6 +190,13 @@ class SQLiteBroker(Broker):
             cursor.execute("ROLLBACK")
             raise
         self._retry_busy(cursor, "COMMIT")
+        if ring:
+            self._ring()
+
+    def _ring(self) -> None:
+        """Tell local waiters that something they may wait for was committed."""
+        if self._doorbell is not None:
+            self._doorbell.ring()
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         cursor = self._connection().cursor()
@@ -237,7 +253,7 @@ class SQLiteBroker(Broker):
 
     def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[bool]:
         created: list[bool] = []
-        with self._write() as cursor:
+        with self._write(ring=True) as cursor:
             for job in jobs:
                 eta = now if job.eta is None else job.eta
                 cursor.execute(
@@ -308,7 +324,7 @@ class SQLiteBroker(Broker):
         unique = len({outcome.job_id for outcome in outcomes}) == len(outcomes)
         size = RECORD_CHUNK if unique else 1
         stored: list[bool] = []
-        with self._write() as cursor:
+        with self._write(ring=True) as cursor:
             for start in range(0, len(outcomes), size):
                 chunk = outcomes[start : start + size]
                 params: list[Any] = []
@@ -354,7 +370,7 @@ class SQLiteBroker(Broker):
         if not job_ids:
             return 0
         marks = ",".join("?" * len(job_ids))
-        with self._write() as cursor:
+        with self._write(ring=True) as cursor:
             cursor.execute(
                 "UPDATE forksafe_jobs SET state = 'PENDING', lease = NULL, lease_until = NULL,"
                 " deliveries = max(deliveries - 1, 0)"
@@ -364,7 +380,7 @@ class SQLiteBroker(Broker):
             return int(cursor.rowcount)
 
     def release_lost(self, worker: str, max_deliveries: int, now: float) -> int:
-        with self._write() as cursor:
+        with self._write(ring=True) as cursor:
             return self._release_where(cursor, "worker = ?", (worker,), max_deliveries, now)
 
     def sweep(self, max_deliveries: int, now: float) -> int:
@@ -375,7 +391,10 @@ class SQLiteBroker(Broker):
                 f" WHERE expires_at IS NOT NULL AND state IN {_WAITING} AND expires_at <= ?",
                 (now, now),
             )
-            return changed + int(cursor.rowcount)
+            changed += int(cursor.rowcount)
+        if changed:
+            self._ring()
+        return changed
 
     def _release_where(
         self, cursor: Any, where: str, params: tuple[Any, ...], max_deliveries: int, now: float
@@ -402,7 +421,7 @@ class SQLiteBroker(Broker):
         return _job_record(rows[0]) if rows else None
 
     def revoke(self, job_id: str, now: float) -> bool:
-        with self._write() as cursor:
+        with self._write(ring=True) as cursor:
             cursor.execute(
                 "UPDATE forksafe_jobs SET state = 'REVOKED', finished_at = ?, lease = NULL,"
                 " lease_until = NULL"
@@ -412,7 +431,7 @@ class SQLiteBroker(Broker):
             return bool(cursor.rowcount == 1)
 
     def retry(self, job_id: str, now: float) -> bool:
-        with self._write() as cursor:
+        with self._write(ring=True) as cursor:
             cursor.execute(
                 "UPDATE forksafe_jobs SET state = 'PENDING', eta = ?, expires_at = NULL,"
                 " finished_at = NULL, deliveries = 0, retries = 0, error = NULL,"
@@ -518,15 +537,20 @@ class SQLiteBroker(Broker):
     # -- waiting ------------------------------------------------------------------
 
     def wait(self, timeout: float) -> None:
-        """Return as soon as another connection commits, or after ``timeout`` seconds.
+        """Return soon after another connection commits, or after ``timeout`` seconds.
 
-        SQLite has no notifications; ``PRAGMA data_version`` changes whenever another
-        connection commits, and reading it costs microseconds. It is polled every
-        0.5 ms while the queue is busy (a commit seen in the last two seconds), then
-        every 5 ms, so an idle worker costs next to no CPU.
+        SQLite has no notifications. Local committers ring a doorbell
+        (:mod:`workers.brokers.doorbell`) that wakes this thread at once; as a safety
+        net, ``PRAGMA data_version`` (which changes whenever another connection
+        commits, and costs microseconds to read) is checked every ``SAFETY_POLL``
+        seconds. Without a doorbell it is polled every 0.5 ms while the queue is busy
+        (a commit seen in the last two seconds), then every 5 ms.
         """
         now = time.monotonic()
         deadline = now + timeout
+        doorbell = self._doorbell
+        if doorbell is not None:
+            doorbell.arm()
         cursor = self._connection().cursor()
         local = self._local
         last = getattr(local, "data_version", None)
@@ -543,6 +567,10 @@ class SQLiteBroker(Broker):
             remaining = deadline - now
             if remaining <= 0:
                 return
+            if doorbell is not None:
+                if doorbell.wait(min(SAFETY_POLL, remaining)):
+                    return
+                continue
             pause = BUSY_POLL if now - last_change < BUSY_WINDOW else IDLE_POLL
             time.sleep(min(pause, remaining))
 
