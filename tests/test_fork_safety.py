@@ -198,13 +198,14 @@ def test_forking_with_a_thread_waiting_for_a_connection_gives_the_child_a_workin
     assert waiter_got
 
 
-def test_multiprocessing_fork_pool_workers_get_their_own_sessions(target: Target) -> None:
-    import multiprocessing
-
+@pytest.mark.parametrize("package", ["multiprocessing", "multiprocess"])
+def test_fork_context_process_pools_give_each_worker_its_own_session(
+    target: Target, package: str
+) -> None:
+    context = pytest.importorskip(package).get_context("fork")
     pool = PooledDB(target.module, 1, **target.kwargs)
     parent = use_pool(pool, target.name, 1)
     _inherited[:] = [pool, target]  # reaches the workers through fork, not pickling
-    context = multiprocessing.get_context("fork")
     with context.Pool(2) as workers:
         seen = workers.map(_session_in_worker, range(8), chunksize=1)
     assert parent[0] not in seen
