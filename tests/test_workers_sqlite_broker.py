@@ -256,9 +256,17 @@ def test_the_doorbell_wakes_a_waiter_and_clears_markers_of_dead_waiters(tmp_path
     stale = tmp_path / "queue.db-wake" / "forksafe-999999-1-dead"
     stale.write_text("")
     result: list[bool] = []
-    thread = threading.Thread(target=lambda: result.append(waiter.wait(10)))
-    started = time.monotonic()
+    armed = threading.Event()
+
+    def wait_for_a_ring() -> None:
+        waiter.arm()  # each thread has its own socket
+        armed.set()
+        result.append(waiter.wait(10))
+
+    thread = threading.Thread(target=wait_for_a_ring)
     thread.start()
+    armed.wait(10)
+    started = time.monotonic()
     ringer.ring()
     thread.join(10)
     assert result == [True] and time.monotonic() - started < 5
