@@ -782,6 +782,7 @@ class Supply:
         self.owned_startups: list[tuple[str, float]] = []
         self._cleaned = False
         self._lock = threading.RLock()
+        self._pid = os.getpid()
         if workerinput is not None:
             handed = json.loads(workerinput["forksafe_servers"])
             self.workspace = Path(handed["workspace"])
@@ -966,8 +967,9 @@ class Supply:
 
     def cleanup(self) -> None:
         """Stop what this process started; the workspace owner also kills whatever a worker
-        left running in it and removes it. Safe to call more than once."""
-        if self._cleaned:
+        left running in it and removes it. Safe to call more than once, and a no-op in a
+        child forked by a test: its atexit handlers must not stop the session's servers."""
+        if self._cleaned or os.getpid() != self._pid:
             return
         self._cleaned = True
         with self._lock:

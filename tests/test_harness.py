@@ -15,7 +15,7 @@ import psycopg
 import psycopg2
 import pymysql
 import pytest
-from servers import Database, PostgresServer
+from servers import Database, PostgresServer, supply_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -221,6 +221,26 @@ def test_owned_mysql_stop_refuses_connections_until_started_again(owned_mysql: D
         pymysql.connect(**owned_mysql.kwargs, connect_timeout=5)
     owned_mysql.server.start()
     assert fetch_one(owned_mysql.connect(), "SELECT 1") == (1,)
+
+
+def test_a_forked_child_cleaning_up_leaves_the_servers_alone(
+    owned_postgres: Database, postgres: Database, pytestconfig: pytest.Config
+) -> None:
+    # A child that exits through sys.exit() runs the harness's atexit handler.
+    pid = os.fork()
+    if pid == 0:
+        try:
+            pytestconfig.stash[supply_key].cleanup()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert owned_postgres.server.running
+    for database in (owned_postgres, postgres):
+        conn = database.connect()
+        try:
+            assert fetch_one(conn, "SELECT 1") == (1,)
+        finally:
+            conn.close()
 
 
 # --- whole sessions, run in a subprocess ----------------------------------------------------
