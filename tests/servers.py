@@ -297,6 +297,8 @@ class ThrowawayServer:
             for directory in (self.run_dir, self.home / "tmp"):
                 directory.mkdir()
                 _hand_over(directory, self.account)
+            self.log_path.touch()  # mariadbd reopens it itself, as its own user
+            _hand_over(self.log_path, self.account)
         fixed_port = bool(self.port)
         for _attempt in range(1 if fixed_port else 3):
             if not fixed_port:
