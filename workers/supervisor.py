@@ -201,7 +201,12 @@ class Supervisor:
     def _rounds(self) -> None:
         self.murder_workers()
         self.reap_workers()
-        self.maintain()
+        try:
+            self.maintain()
+        except Exception:
+            # A broker hiccup (a lock held too long, a full disk) must not take the
+            # workers down: expired leases and results are simply handled next round.
+            log.exception("queue housekeeping failed; trying again in a moment")
         self.manage_workers()
 
     def _log_banner(self) -> None:
@@ -354,8 +359,15 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[pid]
-            released = self.app.broker.release_lost(handle.id, self.app.max_deliveries, time.time())
-            self.app.broker.remove_worker(handle.id)
+            try:
+                released = self.app.broker.release_lost(
+                    handle.id, self.app.max_deliveries, time.time()
+                )
+                self.app.broker.remove_worker(handle.id)
+            except Exception:
+                # Its jobs keep their lease; the sweep returns them once it runs out.
+                log.exception("could not give back the jobs of worker %d yet", pid)
+                released = 0
             text, jobs_done = handle.slot.error(), handle.slot.jobs_done
             handle.slot.close()
             handle.process.close()
