@@ -15,7 +15,7 @@ import psycopg
 import psycopg2
 import pymysql
 import pytest
-from servers import Database, PostgresServer, supply_key
+from servers import Database, MysqlServer, PostgresServer, ServerUnavailable, in_ci, supply_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -282,8 +282,11 @@ def test_under_xdist_every_worker_gets_its_own_database_and_nothing_is_left_runn
 ) -> None:
     try:
         PostgresServer.binaries()
-    except Exception as exc:
-        pytest.skip(f"needs PostgreSQL binaries for throwaway servers: {exc}")
+        MysqlServer.binaries()
+    except ServerUnavailable as exc:
+        if in_ci():
+            pytest.fail(f"CI=true, and throwaway servers need their binaries: {exc}")
+        pytest.skip(f"throwaway servers need their binaries: {exc}")
     names = inner_session / "names"
     pytester.makepyfile(
         test_names=textwrap.dedent(
