@@ -63,7 +63,7 @@ from forksafe.errors import (
     TooManyConnections,
     TooManyConnectionsError,
 )
-from forksafe.steady import SteadyDBConnection, connect
+from forksafe.steady import SteadyDBConnection, SteadyDBCursor, connect
 
 __all__ = [
     "InvalidConnection",
@@ -264,6 +264,7 @@ class PooledDB(fork.ProcessBound):
         self._maxage = _seconds("maxage", maxage)
         self._maxidle = _seconds("maxidle", maxidle)
         self._leaktime = _seconds("leaktime", leaktime)
+        self._recycling = self._maxage is not None or self._maxidle is not None
         # A steady connection's behaviour is fixed by these; pools that agree on all of
         # them hand out interchangeable connections and can share idle ones.
         self._key = (
@@ -288,7 +289,10 @@ class PooledDB(fork.ProcessBound):
     def _reset_process_state(self) -> None:
         """Fresh lock, counters and caches for the current process; opens nothing."""
         self._pid = fork.getpid()
-        self._lock = threading.Condition(threading.Lock())
+        # The mutex guards the bookkeeping; the condition on it lets checkouts wait.
+        self._mutex = threading.Lock()
+        self._lock = threading.Condition(self._mutex)
+        self._waiting = 0  # threads waiting on the condition
         self._connections = 0  # checked-out dedicated connections + shared entries
         self._idle = deque()
         self._shared_cache: list[SharedDBConnection] = []
@@ -324,10 +328,10 @@ class PooledDB(fork.ProcessBound):
             warnings.warn(message, ManyPoolsWarning, stacklevel=3)
 
     def _fork_prepare(self) -> None:
-        self._lock.acquire()
+        self._mutex.acquire()
 
     def _fork_parent(self) -> None:
-        self._lock.release()
+        self._mutex.release()
 
     def _fork_child(self) -> None:
         """In a forked child: discard every inherited connection and start empty."""
@@ -355,6 +359,12 @@ class PooledDB(fork.ProcessBound):
 
     def _open(self) -> SteadyDBConnection:
         con = self.steady_connection()
+        if not con.threadsafety():
+            con._close()
+            raise NotSupportedError(
+                "the driver's connections are not thread-safe (threadsafety=0), so they"
+                " cannot be pooled; use PersistentDB or another driver"
+            )
         con._jitter = 1.0 - 0.1 * random.random()
         self._stats["connections_created"] += 1
         return con
@@ -373,8 +383,7 @@ class PooledDB(fork.ProcessBound):
 
     def _ready(self, con: SteadyDBConnection | None) -> SteadyDBConnection:
         """Turn an idle connection (or None) into one fit to hand out; I/O, outside the lock."""
-        recycling = self._maxage is not None or self._maxidle is not None
-        if con is not None and recycling and self._expired(con, time.monotonic()):
+        if con is not None and self._recycling and self._expired(con, time.monotonic()):
             self._stats["connections_recycled"] += 1
             self._close_con(con)
             con = None
@@ -390,11 +399,15 @@ class PooledDB(fork.ProcessBound):
                 f"maxconnections={self._maxconnections} reached and blocking=False; raise"
                 " maxconnections, return connections sooner, or set blocking=True"
             )
-        if deadline is None:
-            self._lock.wait()
-            return
-        remaining = deadline - time.monotonic()
-        woken = remaining > 0 and self._lock.wait(remaining)
+        self._waiting += 1
+        try:
+            if deadline is None:
+                self._lock.wait()
+                return
+            remaining = deadline - time.monotonic()
+            woken = remaining > 0 and self._lock.wait(remaining)
+        finally:
+            self._waiting -= 1
         if not woken and deadline - time.monotonic() <= 0:
             self._stats["timeouts"] += 1
             raise PoolTimeoutError(
@@ -409,6 +422,8 @@ class PooledDB(fork.ProcessBound):
         With sharing, waiters want different things (a free slot, a shared connection
         outside a transaction), so all of them re-check; otherwise any one can proceed.
         """
+        if not self._waiting:
+            return
         if self._maxshared:
             self._lock.notify_all()
         else:
@@ -432,7 +447,7 @@ class PooledDB(fork.ProcessBound):
             self.warm()
         if shareable and self._maxshared:
             return self._shared_connection()
-        lock = self._lock
+        lock = self._mutex
         idle = self._idle
         with lock:  # critical section: take a slot and an idle connection
             if self._maxconnections and self._connections >= self._maxconnections:
@@ -443,7 +458,10 @@ class PooledDB(fork.ProcessBound):
         try:
             if con is None:
                 con = self._family.borrow(self)
-            con = self._ready(con)
+            if con is None or self._recycling:
+                con = self._ready(con)
+            elif con._ping & 1:
+                con._ping_check()
         except BaseException:
             self._give_back_slot()
             raise
@@ -460,9 +478,10 @@ class PooledDB(fork.ProcessBound):
             self._stats["wait_ms"] += int((time.monotonic() - started) * 1000)
 
     def _give_back_slot(self) -> None:
-        with self._lock:
+        with self._mutex:
             self._connections -= 1
-            self._wake()
+            if self._waiting:
+                self._wake()
 
     def dedicated_connection(self) -> Any:
         """Check out a connection that is never shared: ``connection(shareable=False)``."""
@@ -470,7 +489,7 @@ class PooledDB(fork.ProcessBound):
 
     def _shared_connection(self) -> PooledSharedDBConnection:
         deadline = self._deadline()
-        lock = self._lock
+        lock = self._mutex
         shared: SharedDBConnection | None = None
         con: SteadyDBConnection | None = None
         with lock:
@@ -509,20 +528,22 @@ class PooledDB(fork.ProcessBound):
             with lock:
                 self._connections -= 1
                 self._shared_pending -= 1
-                self._wake()
+                if self._waiting:
+                    self._wake()
             raise
         shared = SharedDBConnection(ready)
         with lock:
             self._shared_pending -= 1
             self._shared_cache.append(shared)
-            self._wake()
+            if self._waiting:
+                self._wake()
         return PooledSharedDBConnection(self, shared)
 
     # -- return ---------------------------------------------------------------------
 
     def unshare(self, con: SharedDBConnection) -> None:
         """Release one share of a shared connection; the last one returns it to the pool."""
-        with self._lock:
+        with self._mutex:
             con.unshare()
             shared = con.shared
             if not shared:
@@ -539,15 +560,18 @@ class PooledDB(fork.ProcessBound):
         if con._reconnects:
             self._stats["reconnects"] += con._reconnects
             con._reconnects = 0
-        con._reset(force=self._reset)
+        if self._reset or con._transaction:
+            con._reset(force=self._reset)
         idle = self._idle
-        with self._lock:  # critical section: hand back the slot, keep or drop
+        with self._mutex:  # critical section: hand back the slot, keep or drop
             self._connections -= 1
             keep = not con._closed and (not self._maxcached or len(idle) < self._maxcached)
             if keep:
-                con._idle_since = time.monotonic()
+                if self._maxidle is not None:
+                    con._idle_since = time.monotonic()
                 idle.append(con)
-            self._wake()
+            if self._waiting:
+                self._wake()
         if not keep:
             self._close_con(con)
 
@@ -562,7 +586,7 @@ class PooledDB(fork.ProcessBound):
         lease = _Lease()
         now = lease.since
         assert self._leaktime is not None
-        with self._lock:
+        with self._mutex:
             self._leases[id(proxy)] = lease
             overdue = [
                 old
@@ -582,13 +606,13 @@ class PooledDB(fork.ProcessBound):
             )
 
     def _release_lease(self, proxy: object, dropped: bool) -> None:
-        with self._lock:
+        with self._mutex:
             lease = self._leases.pop(id(proxy), None)
         if lease is None:
             return
         held = time.monotonic() - lease.since
         if dropped:
-            with self._lock:
+            with self._mutex:
                 self._stats["leaks"] += 0 if lease.warned else 1
             log.warning(
                 "forksafe: a connection was garbage collected without close() after %.1fs;"
@@ -597,7 +621,7 @@ class PooledDB(fork.ProcessBound):
                 lease.stack,
             )
         elif not lease.warned and self._leaktime is not None and held > self._leaktime:
-            with self._lock:
+            with self._mutex:
                 self._stats["leaks"] += 1
             log.warning(
                 "forksafe: a connection was held for %.1fs (leaktime=%ss); checked out at:\n%s",
@@ -616,7 +640,7 @@ class PooledDB(fork.ProcessBound):
         using the pool.
         """
         self._checkpid()
-        with self._lock:
+        with self._mutex:
             stats = dict(self._stats)
             stats["in_use"] = self._connections
             stats["idle"] = len(self._idle)
@@ -631,7 +655,7 @@ class PooledDB(fork.ProcessBound):
         In a forked child it closes nothing of the parent's; it only forgets them.
         """
         self._checkpid()
-        with self._lock:
+        with self._mutex:
             gone = list(self._idle)
             self._idle.clear()
             if self._shared_cache:
@@ -639,7 +663,8 @@ class PooledDB(fork.ProcessBound):
                 self._connections -= len(self._shared_cache)
                 self._shared_cache.clear()
             self._warm = not self._mincached
-            self._lock.notify_all()
+            if self._waiting:
+                self._lock.notify_all()
         for con in gone:
             self._close_con(con)
 
@@ -664,11 +689,8 @@ class PooledDedicatedDBConnection:
     """
 
     def __init__(self, pool: PooledDB, con: SteadyDBConnection) -> None:
-        self._con: SteadyDBConnection | None = None
-        if not con.threadsafety():
-            raise NotSupportedError("the driver's connections are not thread-safe (threadsafety=0)")
         self._pool = pool
-        self._con = con
+        self._con: SteadyDBConnection | None = con
         if pool._leaktime is not None:
             pool._lease(self)
 
@@ -686,7 +708,7 @@ class PooledDedicatedDBConnection:
         con = self._con
         if con is None:
             raise InvalidConnectionError("this connection was already returned to its pool")
-        return con.cursor(*args, **kwargs)
+        return SteadyDBCursor(con, *args, **kwargs)
 
     def commit(self) -> None:
         """Commit the current transaction."""

@@ -307,10 +307,16 @@ class SteadyDBConnection:
     def _reset(self, force: bool = False) -> None:
         """Roll back if forced or a transaction was begun; skipped if the driver says idle."""
         if not self._closed and (force or self._transaction):
-            if not self._transaction and self._driver_in_transaction() is False:
-                return
-            with suppress(Exception):
+            if not self._transaction:
+                try:
+                    if self._in_transaction(self._con) is False:
+                        return
+                except Exception:
+                    pass
+            try:  # noqa: SIM105 - hot path: suppress() costs three calls
                 self.rollback()
+            except Exception:
+                pass
 
     def _ping_check(self, ping: int = 1, reconnect: bool = True) -> bool | None:
         """Check the connection if ``ping`` matches the flags; reconnect a dead one.
@@ -320,7 +326,8 @@ class SteadyDBConnection:
         """
         if not ping & self._ping:
             return None
-        self._check_process()
+        if self._generation != fork.generation:
+            self._check_process()
         alive: Any
         if self._pinger is None:
             try:
@@ -411,7 +418,8 @@ class SteadyDBConnection:
 
     def commit(self) -> None:
         """Commit; if the commit fails, reconnect for the next use and raise the error."""
-        self._check_process()
+        if self._generation != fork.generation:
+            self._check_process()
         self._transaction = False
         try:
             self._con.commit()
@@ -421,7 +429,8 @@ class SteadyDBConnection:
 
     def rollback(self) -> None:
         """Roll back; if that fails, reconnect for the next use and raise the error."""
-        self._check_process()
+        if self._generation != fork.generation:
+            self._check_process()
         self._transaction = False
         try:
             self._con.rollback()
@@ -443,7 +452,8 @@ class SteadyDBConnection:
 
     def _cursor(self, *args: Any, **kwargs: Any) -> Any:
         """Make a driver cursor, reconnecting once if the connection turned out dead."""
-        self._check_process()
+        if self._generation != fork.generation:
+            self._check_process()
         transaction = self._transaction
         if not transaction and self._ping & 2:
             self._ping_check(2)
@@ -486,21 +496,43 @@ class SteadyDBConnection:
 
 
 class SteadyDBCursor:
-    """A hardened DB-API 2 cursor: ``execute*``/``callproc*`` fail over like the connection."""
+    """A hardened DB-API 2 cursor: ``execute*``/``callproc*`` fail over like the connection.
+
+    ``fetchone``/``fetchmany``/``fetchall`` are the driver cursor's own bound methods,
+    so fetching costs nothing over the driver; they are rebound when failover replaces
+    the driver cursor. Dropping a steady cursor leaves its driver cursor to the driver's
+    own finaliser.
+    """
+
+    _cursor: Any = None
+    _closed = True
+    _no_failover = 0
+    _inputsizes: Any = None
+    _outputsizes: dict[Any, Any] | None = None
+    fetchone: Callable[[], Any]
+    fetchmany: Callable[..., Any]
+    fetchall: Callable[[], Any]
 
     def __init__(self, con: SteadyDBConnection, *args: Any, **kwargs: Any) -> None:
-        self._cursor: Any = None
-        self._closed = True
-        self._no_failover = 0
+        if not isinstance(con, SteadyDBConnection):
+            raise TypeError(f"{con!r} is not a SteadyDBConnection")
         self._con = con
         self._args, self._kwargs = args, kwargs
-        self._inputsizes: Any = None
-        self._outputsizes: dict[Any, Any] | None = None
-        try:
-            self._cursor = con._cursor(*args, **kwargs)
-        except AttributeError as error:
-            raise TypeError(f"{con!r} is not a SteadyDBConnection") from error
+        self._bind(con._cursor(*args, **kwargs))
+
+    def _bind(self, cursor: Any) -> None:
+        """Make ``cursor`` the driver cursor behind this one."""
+        self._cursor = cursor
         self._closed = False
+        try:
+            self.fetchone = cursor.fetchone
+            self.fetchmany = cursor.fetchmany
+            self.fetchall = cursor.fetchall
+        except AttributeError:  # a driver without them all: forward what exists
+            for name in ("fetchone", "fetchmany", "fetchall"):
+                self.__dict__.pop(name, None)
+                if hasattr(cursor, name):
+                    self.__dict__[name] = getattr(cursor, name)
 
     def __enter__(self) -> SteadyDBCursor:
         return self
@@ -553,12 +585,31 @@ class SteadyDBCursor:
     def close(self) -> None:
         """Close the cursor; never complains when called twice."""
         if not self._closed:
-            with suppress(Exception):
-                self._cursor.close()
             self._closed = True
+            try:  # noqa: SIM105 - hot path
+                self._cursor.close()
+            except Exception:
+                pass
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         """Execute a statement; retried once on a fresh connection outside a transaction."""
+        con = self._con
+        if (
+            con._generation == fork.generation
+            and not con._ping & 4
+            and not con._maxusage
+            and self._inputsizes is None
+            and self._outputsizes is None
+        ):
+            # Fast path of _call for the common case; failures take the full path.
+            try:
+                result = self._cursor.execute(*args, **kwargs)
+            except con._failures as error:
+                if self._no_failover or not con._fatal_check(error):
+                    raise
+                return self._failover("execute", args, kwargs, error, overused=False)
+            con._usage += 1
+            return result
         return self._call("execute", args, kwargs, True)
 
     def executemany(self, *args: Any, **kwargs: Any) -> Any:
@@ -568,18 +619,6 @@ class SteadyDBCursor:
     def callproc(self, *args: Any, **kwargs: Any) -> Any:
         """Call a stored procedure, with the same failover."""
         return self._call("callproc", args, kwargs, False)
-
-    def fetchone(self) -> Any:
-        """Fetch the next row from the driver cursor."""
-        return self._cursor.fetchone()
-
-    def fetchall(self) -> Any:
-        """Fetch all remaining rows from the driver cursor."""
-        return self._cursor.fetchall()
-
-    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
-        """Fetch the next rows from the driver cursor."""
-        return self._cursor.fetchmany(*args, **kwargs)
 
     def _call(self, name: str, args: Any, kwargs: Any, execute: bool) -> Any:
         con = self._con
@@ -632,7 +671,7 @@ class SteadyDBCursor:
                         cursor2.close()
                 else:
                     self.close()
-                    self._cursor, self._closed = cursor2, False
+                    self._bind(cursor2)
                     con._usage += 1
                     return result
         try:
@@ -648,7 +687,7 @@ class SteadyDBCursor:
                 if transaction:
                     self.close()
                     con._replace(con2)
-                    self._cursor, self._closed = cursor2, False
+                    self._bind(cursor2)
                     raise error
                 error2: Exception | None = None
                 try:
@@ -664,7 +703,7 @@ class SteadyDBCursor:
                 if use2:
                     self.close()
                     con._replace(con2)
-                    self._cursor, self._closed = cursor2, False
+                    self._bind(cursor2)
                     con._usage += 1
                     if error2 is not None:
                         raise error2
@@ -685,10 +724,6 @@ class SteadyDBCursor:
                 return lambda *args, **kwargs: self._call(name, args, kwargs, execute)
             return getattr(cursor, name)
         raise InvalidCursorError(f"cursor has no driver cursor; cannot get {name!r}")
-
-    def __del__(self) -> None:
-        with suppress(Exception):
-            self.close()
 
 
 class _Overused(Exception):
