@@ -26,7 +26,7 @@ from typing import Any
 from forksafe import fork
 from forksafe.errors import NotSupportedError, PersistentDBError
 from forksafe.pooled import _threadsafety
-from forksafe.steady import SteadyDBConnection, connect
+from forksafe.steady import Recipe, SteadyDBConnection
 
 __all__ = ["NotSupportedError", "PersistentDB", "PersistentDBError"]
 
@@ -67,14 +67,8 @@ class PersistentDB(fork.ProcessBound):
                 f"{getattr(creator, '__name__', creator)!r} has threadsafety=0: its"
                 " connections cannot be used outside the thread that made them"
             )
-        self._creator = creator
-        self._maxusage = maxusage
-        self._setsession = setsession
-        self._failures = failures
-        self._isfatal = isfatal
-        self._ping = ping
+        self._recipe = Recipe(creator, maxusage, setsession, failures, ping, isfatal, args, kwargs)
         self._closeable = closeable
-        self._args, self._kwargs = args, kwargs
         self._threadlocal = threadlocal or threading.local
         self._opened: weakref.WeakSet[SteadyDBConnection] = weakref.WeakSet()
         self._pid = fork.getpid()
@@ -83,17 +77,7 @@ class PersistentDB(fork.ProcessBound):
 
     def steady_connection(self) -> SteadyDBConnection:
         """Open a new steady connection that is not tied to the thread."""
-        return connect(
-            self._creator,
-            self._maxusage,
-            self._setsession,
-            self._failures,
-            self._ping,
-            self._closeable,
-            self._isfatal,
-            *self._args,
-            **self._kwargs,
-        )
+        return self._recipe.connect(self._closeable)
 
     def connection(self, shareable: bool = False) -> SteadyDBConnection:
         """Return this thread's connection, opening it on first use in this thread.

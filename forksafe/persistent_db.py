@@ -1,6 +1,7 @@
-"""DBUtils-compatible module path: ``from forksafe.persistent_db import PersistentDB``."""
+"""DBUtils-compatible module path, as ``dbutils.persistent_db``: change the import, keep the code.
 
-from forksafe.errors import NotSupportedError, PersistentDBError
-from forksafe.persistent import PersistentDB
+The same names as :mod:`forksafe.persistent` (PersistentDB and its errors).
+"""
 
-__all__ = ["NotSupportedError", "PersistentDB", "PersistentDBError"]
+from forksafe.persistent import *  # noqa: F403
+from forksafe.persistent import __all__ as __all__

@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import total_ordering
-from typing import Any
+from typing import Any, TypeVar
 
 from forksafe import fork
 from forksafe.errors import (
@@ -63,7 +63,7 @@ from forksafe.errors import (
     TooManyConnections,
     TooManyConnectionsError,
 )
-from forksafe.steady import SteadyDBConnection, SteadyDBCursor, connect
+from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor
 
 __all__ = [
     "InvalidConnection",
@@ -156,9 +156,7 @@ _families_lock = threading.Lock()
 
 
 def _family_for(key: Any) -> _Family:
-    try:
-        hash(key)
-    except TypeError:
+    if key is None:
         return _Family()  # unhashable connect arguments: a family of one
     with _families_lock:
         family = _families.get(key)
@@ -245,15 +243,9 @@ class PooledDB(fork.ProcessBound):
                 f"maxcached={maxcached} is below mincached={mincached}: the pool could never"
                 " keep the connections it warms up; raise maxcached or set it to 0 (no limit)"
             )
-        self._creator = creator
-        self._args, self._kwargs = args, kwargs
+        self._recipe = Recipe(creator, maxusage, setsession, failures, ping, isfatal, args, kwargs)
         self._blocking = blocking
-        self._maxusage = maxusage
-        self._setsession = setsession
         self._reset = reset
-        self._failures = failures
-        self._isfatal = isfatal
-        self._ping = ping
         self._mincached = mincached
         self._maxcached = maxcached
         self._maxshared = maxshared if threadsafety > 1 else 0
@@ -265,19 +257,8 @@ class PooledDB(fork.ProcessBound):
         self._maxidle = _seconds("maxidle", maxidle)
         self._leaktime = _seconds("leaktime", leaktime)
         self._recycling = self._maxage is not None or self._maxidle is not None
-        # A steady connection's behaviour is fixed by these; pools that agree on all of
-        # them hand out interchangeable connections and can share idle ones.
-        self._key = (
-            creator,
-            args,
-            tuple(sorted(kwargs.items())),
-            maxusage,
-            tuple(setsession) if setsession else None,
-            failures,
-            ping,
-            isfatal,
-        )
-        self._family = _family_for(self._key)
+        # Pools whose recipes agree hand out interchangeable connections.
+        self._family = _family_for(self._recipe.key)
         self._family.pools.add(self)
         self._family.built += 1
         self._reset_process_state()
@@ -345,17 +326,7 @@ class PooledDB(fork.ProcessBound):
 
     def steady_connection(self) -> SteadyDBConnection:
         """Open a new steady connection that is not part of the pool."""
-        return connect(
-            self._creator,
-            self._maxusage,
-            self._setsession,
-            self._failures,
-            self._ping,
-            True,
-            self._isfatal,
-            *self._args,
-            **self._kwargs,
-        )
+        return self._recipe.connect(True)
 
     def _open(self) -> SteadyDBConnection:
         con = self.steady_connection()
@@ -680,17 +651,63 @@ class PooledDB(fork.ProcessBound):
         self.close()
 
 
-class PooledDedicatedDBConnection:
+_ProxyT = TypeVar("_ProxyT", bound="_PooledProxy")
+
+
+class _PooledProxy:
+    """What both kinds of checked-out connection share: delegation to the steady
+    connection while checked out, :class:`InvalidConnectionError` after ``close()``."""
+
+    _con: SteadyDBConnection | None = None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _live(self) -> SteadyDBConnection:
+        con = self._con
+        if con is None:
+            raise InvalidConnectionError("this connection was already returned to its pool")
+        return con
+
+    def cursor(self, *args: Any, **kwargs: Any) -> SteadyDBCursor:
+        """A tough cursor on the connection."""
+        return SteadyDBCursor(self._live(), *args, **kwargs)
+
+    def commit(self) -> None:
+        """Commit the current transaction."""
+        self._live().commit()
+
+    def rollback(self) -> None:
+        """Roll back the current transaction."""
+        self._live().rollback()
+
+    def __getattr__(self, name: str) -> Any:
+        con = self.__dict__.get("_con")
+        if con is not None:
+            return getattr(con, name)
+        raise InvalidConnectionError(
+            f"this connection was already returned to its pool; cannot get {name!r}"
+        )
+
+    def __enter__(self: _ProxyT) -> _ProxyT:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PooledDedicatedDBConnection(_PooledProxy):
     """A checked-out connection: everything is delegated to the steady connection;
     ``close()`` (or leaving a ``with`` block) returns it to the pool.
 
     Used after it was returned, or in a forked child, it raises
-    :class:`InvalidConnectionError`.
+    :class:`InvalidConnectionError`. Dropped without ``close()``, it returns the
+    connection itself (and is reported when the pool has a ``leaktime``).
     """
 
     def __init__(self, pool: PooledDB, con: SteadyDBConnection) -> None:
         self._pool = pool
-        self._con: SteadyDBConnection | None = con
+        self._con = con
         if pool._leaktime is not None:
             pool._lease(self)
 
@@ -702,41 +719,6 @@ class PooledDedicatedDBConnection:
             if self._pool._leaktime is not None:
                 self._pool._release_lease(self, dropped=False)
             self._pool.cache(con)
-
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        """A tough cursor on the connection."""
-        con = self._con
-        if con is None:
-            raise InvalidConnectionError("this connection was already returned to its pool")
-        return SteadyDBCursor(con, *args, **kwargs)
-
-    def commit(self) -> None:
-        """Commit the current transaction."""
-        self._live().commit()
-
-    def rollback(self) -> None:
-        """Roll back the current transaction."""
-        self._live().rollback()
-
-    def _live(self) -> SteadyDBConnection:
-        con = self._con
-        if con is None:
-            raise InvalidConnectionError("this connection was already returned to its pool")
-        return con
-
-    def __getattr__(self, name: str) -> Any:
-        con = self.__dict__.get("_con")
-        if con is not None:
-            return getattr(con, name)
-        raise InvalidConnectionError(
-            f"this connection was already returned to its pool; cannot get {name!r}"
-        )
-
-    def __enter__(self) -> PooledDedicatedDBConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         con = self.__dict__.get("_con")
@@ -778,11 +760,10 @@ class SharedDBConnection:
         self.shared -= 1
 
 
-class PooledSharedDBConnection:
+class PooledSharedDBConnection(_PooledProxy):
     """A share of a shared connection; ``close()`` gives the share back."""
 
     def __init__(self, pool: PooledDB, shared_con: SharedDBConnection) -> None:
-        self._con: SteadyDBConnection | None = None
         con = shared_con.con
         if not con.threadsafety() > 1:
             raise NotSupportedError(
@@ -801,20 +782,6 @@ class PooledSharedDBConnection:
                 if shared.con._pid != fork.getpid():
                     return  # inherited through fork: the pool already forgot it
                 self._pool.unshare(shared)
-
-    def __getattr__(self, name: str) -> Any:
-        con = self.__dict__.get("_con")
-        if con is not None:
-            return getattr(con, name)
-        raise InvalidConnectionError(
-            f"this connection was already returned to its pool; cannot get {name!r}"
-        )
-
-    def __enter__(self) -> PooledSharedDBConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         with suppress(Exception):

@@ -1,33 +1,7 @@
-"""DBUtils-compatible module path: ``from forksafe.pooled_db import PooledDB``."""
+"""DBUtils-compatible module path, as ``dbutils.pooled_db``: change the import, keep the code.
 
-from forksafe.errors import (
-    InvalidConnection,
-    InvalidConnectionError,
-    NotSupportedError,
-    PooledDBError,
-    PoolTimeoutError,
-    TooManyConnections,
-    TooManyConnectionsError,
-)
-from forksafe.pooled import (
-    ManyPoolsWarning,
-    PooledDB,
-    PooledDedicatedDBConnection,
-    PooledSharedDBConnection,
-    SharedDBConnection,
-)
+The same names as :mod:`forksafe.pooled` (PooledDB and its errors).
+"""
 
-__all__ = [
-    "InvalidConnection",
-    "InvalidConnectionError",
-    "ManyPoolsWarning",
-    "NotSupportedError",
-    "PoolTimeoutError",
-    "PooledDB",
-    "PooledDBError",
-    "PooledDedicatedDBConnection",
-    "PooledSharedDBConnection",
-    "SharedDBConnection",
-    "TooManyConnections",
-    "TooManyConnectionsError",
-]
+from forksafe.pooled import *  # noqa: F403
+from forksafe.pooled import __all__ as __all__

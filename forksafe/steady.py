@@ -31,6 +31,7 @@ from forksafe.errors import ForkedConnectionError, InvalidCursorError, SteadyDBE
 __all__ = [
     "InvalidCursor",
     "InvalidCursorError",
+    "Recipe",
     "SteadyDBConnection",
     "SteadyDBCursor",
     "SteadyDBError",
@@ -103,6 +104,63 @@ def connect(
     return SteadyDBConnection(
         creator, maxusage, setsession, failures, ping, closeable, isfatal, *args, **kwargs
     )
+
+
+class Recipe:
+    """Everything that determines a steady connection, as the pools keep it.
+
+    Two recipes that compare equal make interchangeable connections; :attr:`key` is
+    that identity, or None when the arguments are unhashable.
+    """
+
+    def __init__(
+        self,
+        creator: Any,
+        maxusage: int | None,
+        setsession: Sequence[str] | None,
+        failures: type[Exception] | tuple[type[Exception], ...] | None,
+        ping: Any,
+        isfatal: Callable[[Exception], bool] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.creator = creator
+        self.maxusage = maxusage
+        self.setsession = setsession
+        self.failures = failures
+        self.ping = ping
+        self.isfatal = isfatal
+        self.args = args
+        self.kwargs = kwargs
+        key: Any = (
+            creator,
+            args,
+            tuple(sorted(kwargs.items())),
+            maxusage,
+            tuple(setsession) if setsession else None,
+            failures,
+            ping,
+            isfatal,
+        )
+        try:
+            hash(key)
+        except TypeError:
+            key = None
+        self.key = key
+
+    def connect(self, closeable: bool) -> SteadyDBConnection:
+        """Open a steady connection by this recipe."""
+        return SteadyDBConnection(
+            self.creator,
+            self.maxusage,
+            self.setsession,
+            self.failures,
+            self.ping,
+            closeable,
+            self.isfatal,
+            *self.args,
+            **self.kwargs,
+        )
 
 
 class SteadyDBConnection:

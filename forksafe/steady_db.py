@@ -1,13 +1,7 @@
-"""DBUtils-compatible module path: ``from forksafe.steady_db import connect``."""
+"""DBUtils-compatible module path, as ``dbutils.steady_db``: change the import, keep the code.
 
-from forksafe.errors import InvalidCursor, InvalidCursorError, SteadyDBError
-from forksafe.steady import SteadyDBConnection, SteadyDBCursor, connect
+The same names as :mod:`forksafe.steady` (connect, SteadyDBConnection and their errors).
+"""
 
-__all__ = [
-    "InvalidCursor",
-    "InvalidCursorError",
-    "SteadyDBConnection",
-    "SteadyDBCursor",
-    "SteadyDBError",
-    "connect",
-]
+from forksafe.steady import *  # noqa: F403
+from forksafe.steady import __all__ as __all__
