@@ -1,0 +1,68 @@
+"""Broker URLs for tests that run against every broker: SQLite, PostgreSQL and MariaDB.
+
+``broker_url(kind, tmp_path, request)`` gives a URL to an empty queue: a new SQLite
+file, or the xdist worker's database on the shared server with the queue tables
+dropped. ``table_rows(url, sql)`` runs SQL on the queue's database, whatever it is.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+KINDS = ("sqlite", "postgres", "mysql")
+TABLES = ("forksafe_jobs", "forksafe_workers", "forksafe_schema")
+
+
+def drop_queue(database: Any) -> None:
+    """Drop the queue tables in a harness database (``postgres`` / ``mysql`` fixture)."""
+    con = database.connect()
+    try:
+        cursor = con.cursor()
+        for table in TABLES:
+            cursor.execute(f"DROP TABLE IF EXISTS {table}")
+    finally:
+        con.close()
+
+
+def server_url(database: Any, **options: Any) -> str:
+    """The broker URL of a harness database, with broker URL options added."""
+    url = str(database.dsn)
+    if options:
+        extra = "&".join(f"{key}={value}" for key, value in options.items())
+        url += ("&" if "?" in url else "?") + extra
+    return url
+
+
+def broker_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A URL to an empty queue of ``kind``."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'queue.db'}"
+    database = request.getfixturevalue(kind)
+    drop_queue(database)
+    return server_url(database)
+
+
+def table_rows(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) run on the queue's database, committed."""
+    if url.startswith("sqlite:"):
+        with sqlite3.connect(url.split("///", 1)[1]) as con:
+            return [tuple(row) for row in con.execute(sql, params)]
+    from workers.brokers import create_broker
+
+    broker: Any = create_broker(url)
+    con = broker._connect()
+    try:
+        cursor = con.cursor()
+        cursor.execute(sql.replace("?", "%s"), params)
+        rows = [
+            tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+            for row in (cursor.fetchall() if cursor.description else [])
+        ]
+        con.commit()
+        return rows
+    finally:
+        con.close()

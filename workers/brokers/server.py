@@ -1,0 +1,268 @@
+"""What the PostgreSQL and MySQL brokers share: a forksafe pool per process, outages, budgets.
+
+A broker on a database server must keep working while that server restarts or kills
+its sessions, and must not flood the log while it does. Every operation goes
+through :meth:`ServerBroker._attempt`, which sorts errors into two kinds:
+
+* **transient** (the server went away, a session was killed, a deadlock victim):
+  the pool reconnects on the next checkout; the operation is tried again with a
+  growing pause, or given up quietly where that is safe (see below);
+* everything else propagates.
+
+The first lost connection of an outage is logged once, and its end once, by the
+process that built the broker (the supervisor, a client); its forked workers log
+both at debug level only, so a fleet of N workers does not log N+1 lines per
+outage.
+
+What happens to each operation during an outage:
+
+* ``claim`` finds nothing, ``wait`` sleeps; a worker simply idles.
+* ``extend_leases``, ``report_worker``, ``remove_worker``, ``release``,
+  ``release_lost`` and ``sweep`` are skipped: a lease that lapses meanwhile puts its
+  job back in the queue, which is what leases are for.
+* ``record``, ``enqueue``, ``setup`` and the reads are retried for up to
+  ``retry_for`` seconds (URL option, default 60), then raise
+  :class:`BrokerUnavailableError`. A worker that cannot record an outcome dies; its
+  job runs again once its lease runs out (the outcome of the first run is dropped by
+  the lease check if it does arrive).
+
+A claim whose commit may or may not have reached the server cannot be retried
+safely, nor forgotten (the worker's heartbeat would extend those leases forever):
+its lease token is remembered and the jobs it may have taken are given back before
+the next claim.
+
+**Connection budget.** Each process has its own pool (forksafe pools are fork-safe:
+a worker never touches the supervisor's sessions). :meth:`limit_connections` caps
+the pool of the process that built the broker and, separately, of every process
+forked from it, so ``forksafe run --db-connections N`` can bound a whole fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from forksafe import PooledDB
+from workers.brokers.base import Broker, BrokerURL
+from workers.errors import BrokerError, BrokerURLError
+
+log = logging.getLogger("workers.brokers")
+
+T = TypeVar("T")
+
+POOL_WAIT = 60.0
+"""Seconds a thread waits for one of its process's capped connections before failing."""
+
+FIRST_PAUSE = 0.02
+MAX_PAUSE = 1.0
+
+WAITING_STATES = ("PENDING", "SCHEDULED", "RETRY")
+
+
+class BrokerUnavailableError(BrokerError):
+    """The broker's database could not be reached for longer than ``retry_for`` seconds."""
+
+
+def url_number(url: BrokerURL, name: str, default: float, minimum: float = 0.0) -> float:
+    """A numeric URL option, or :class:`BrokerURLError` naming it and the fix."""
+    text = url.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise BrokerURLError(
+            f"{name}={text!r} in {url.masked()!r} must be a number >= {minimum:g}; "
+            f"use e.g. ?{name}={default:g}"
+        )
+    return value
+
+
+class ServerBroker(Broker):
+    """Pool, outage handling and connection budget for a broker on a database server.
+
+    Subclasses set :attr:`transient` and implement :meth:`_connect` (a new driver
+    connection, session prepared), :meth:`_is_disconnect` and the broker methods,
+    running their statements through :meth:`_attempt`.
+    """
+
+    transient: tuple[type[BaseException], ...] = ()
+    failures: tuple[type[Exception], ...] = ()
+    """Driver errors after which the pool replaces a connection."""
+    label = "database"
+    """How the database is called in log lines."""
+
+    def __init__(self, url: BrokerURL) -> None:
+        super().__init__(url)
+        self.retry_for = url_number(url, "retry_for", 60.0)
+        self._owner_pid = os.getpid()
+        self._own_limit = int(url_number(url, "max_connections", 0))
+        self._forked_limit = self._own_limit
+        self._budget: int | None = None
+        self._pool: PooledDB | None = None
+        self._pool_pid = 0
+        self._schema_ok = False
+        self._health = threading.Lock()
+        self._outage_since: float | None = None
+        self._outage_pid = 0
+        self._unsure: list[tuple[str, str]] = []  # (worker, lease) of claims in doubt
+
+    # -- connections --------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        """A new driver connection with its session prepared."""
+        raise NotImplementedError
+
+    def _is_disconnect(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the connection or the server is gone (an outage)."""
+        raise NotImplementedError
+
+    def limit_connections(self, own: int, forked: int, budget: int | None = None) -> None:
+        """Cap this process's connections at ``own`` and each forked child's at ``forked``.
+
+        ``budget`` is the fleet-wide total they were derived from, shown in :meth:`stats`.
+        Takes effect at once in this process (idle connections over the cap are closed).
+        """
+        if own < 1 or forked < 1:
+            raise BrokerError(f"connection limits must be at least 1 (got {own}, {forked})")
+        self._owner_pid = os.getpid()
+        self._own_limit, self._forked_limit, self._budget = own, forked, budget
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.close()
+            self._pool = None
+
+    def _process_pool(self) -> PooledDB:
+        pid = os.getpid()
+        pool = self._pool
+        if pool is not None and self._pool_pid == pid:
+            return pool
+        # A forked child gets a pool of its own with the child's cap. The inherited one
+        # already dropped the parent's connections without a word to the server.
+        limit = self._own_limit if pid == self._owner_pid else self._forked_limit
+        pool = PooledDB(
+            self._connect,
+            0,
+            limit,
+            0,
+            limit,
+            True,
+            None,
+            None,
+            True,
+            self.failures,
+            0,
+            maxwait=POOL_WAIT,
+        )
+        self._pool, self._pool_pid = pool, pid
+        return pool
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        con = self._process_pool().connection()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    # -- outages ------------------------------------------------------------------
+
+    def _log_level(self) -> int:
+        return logging.WARNING if os.getpid() == self._owner_pid else logging.DEBUG
+
+    def _lost(self, exc: BaseException) -> None:
+        with self._health:
+            if self._outage_pid == os.getpid() and self._outage_since is not None:
+                return
+            self._outage_pid, self._outage_since = os.getpid(), time.monotonic()
+        log.log(
+            self._log_level(),
+            "broker %s %s unreachable (%s: %s); retrying quietly until it is back",
+            self.label,
+            self.url.masked(),
+            type(exc).__name__,
+            str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+        )
+
+    def _recovered(self) -> None:
+        if self._outage_since is None:
+            return
+        with self._health:
+            since, self._outage_since = self._outage_since, None
+            if since is None or self._outage_pid != os.getpid():
+                return
+        log.log(
+            logging.INFO if self._log_level() == logging.WARNING else logging.DEBUG,
+            "broker %s %s reachable again after %.1f s",
+            self.label,
+            self.url.masked(),
+            time.monotonic() - since,
+        )
+
+    def _attempt(self, work: Callable[[Any], T], retry: bool, default: T) -> T:
+        """Run ``work(connection)``; on a transient error retry (``retry``) or return ``default``.
+
+        Retries stop after ``retry_for`` seconds with :class:`BrokerUnavailableError`.
+        A deadlock victim is always retried.
+        """
+        deadline: float | None = None
+        pause = FIRST_PAUSE
+        while True:
+            try:
+                with self._connection() as con:
+                    result = work(con)
+            except self.transient as exc:
+                disconnect = self._is_disconnect(exc)
+                if disconnect:
+                    self._lost(exc)
+                    if not retry:
+                        return default
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_for
+                elif now > deadline:
+                    raise BrokerUnavailableError(
+                        f"the broker {self.label} {self.url.masked()} could not be used for "
+                        f"{self.retry_for:g} s ({type(exc).__name__}: {exc}); check the server "
+                        f"or raise ?retry_for="
+                    ) from exc
+                time.sleep(pause if disconnect else pause / 4)
+                pause = min(pause * 2, MAX_PAUSE)
+                continue
+            if self._outage_since is not None:
+                self._recovered()
+            return result
+
+    # -- claims in doubt ----------------------------------------------------------
+
+    def _doubt(self, worker: str, lease: str) -> None:
+        """Remember a claim whose commit may have happened without us hearing of it."""
+        self._unsure.append((worker, lease))
+
+    def _take_doubts(self) -> list[tuple[str, str]]:
+        doubts, self._unsure = self._unsure, []
+        return doubts
+
+    # -- Broker hooks -------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        pool = self._pool
+        stats: dict[str, Any] = (
+            dict(pool.stats()) if pool is not None and self._pool_pid == os.getpid() else {}
+        )
+        limit = self._own_limit if os.getpid() == self._owner_pid else self._forked_limit
+        stats["connection_limit"] = limit
+        if self._budget is not None:
+            stats["fleet_budget"] = self._budget
+        return stats
+
+    def close(self) -> None:
+        pool = self._pool
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.close()
