@@ -1034,9 +1034,18 @@ def pytest_configure(config: pytest.Config) -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(signum) is signal.SIG_DFL:
-                signal.signal(signum, _cleanup_then_die(supply))
+                handler = _cleanup_then_die(supply)
+                signal.signal(signum, handler)
+                _our_handlers[signum] = handler
+        if not _our_handlers_reset_at_fork:
+            os.register_at_fork(after_in_child=_restore_default_handlers)
+            _our_handlers_reset_at_fork.append(True)
     if not supply.is_worker:
         sweep_stale_workspaces()
+
+
+_our_handlers: dict[int, Callable[[int, Any], None]] = {}
+_our_handlers_reset_at_fork: list[bool] = []
 
 
 def _cleanup_then_die(supply: Supply) -> Callable[[int, Any], None]:
@@ -1046,6 +1055,15 @@ def _cleanup_then_die(supply: Supply) -> Callable[[int, Any], None]:
         os.kill(os.getpid(), signum)
 
     return handler
+
+
+def _restore_default_handlers() -> None:
+    # A child forked by a test must die of SIGTERM as usual, even while stuck in C code where
+    # no Python handler can run: multiprocessing's Pool.terminate(), for one, counts on it.
+    for signum, handler in _our_handlers.items():
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, signal.SIG_DFL)
 
 
 @pytest.hookimpl(tryfirst=True)

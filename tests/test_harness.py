@@ -5,6 +5,7 @@ reported (and fails the run under CI), and nothing is left running afterwards.""
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import textwrap
 from collections.abc import Iterator
@@ -241,6 +242,14 @@ def test_a_forked_child_cleaning_up_leaves_the_servers_alone(
             assert fetch_one(conn, "SELECT 1") == (1,)
         finally:
             conn.close()
+
+
+def test_a_forked_child_dies_of_sigterm_as_usual() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # --- whole sessions, run in a subprocess ----------------------------------------------------
