@@ -13,21 +13,26 @@ Every contender runs 2 worker processes executing a no-op task, on this machine:
 Contenders: ``forksafe`` (SQLite broker, ``forksafe run --workers 2``), ``forksafe-bulk``
 (the same, submitting with ``task.map`` in one transaction), ``celery`` (Redis broker and
 result backend, prefork, concurrency 2), ``rq`` (two ``rq worker`` processes, Redis),
+``procrastinate`` and ``pgqueuer`` (PostgreSQL, two worker processes each),
 ``mp-pool`` (``multiprocessing.Pool(2).apply_async``: no durability, the ceiling).
 Celery and RQ need ``pip install celery redis rq`` and a Redis server on 127.0.0.1:6379
-(``FORKSAFE_BENCH_REDIS`` to change it); a contender that cannot run is reported as
-skipped with the reason. Prints a table, then one JSON line with every number.
+(``FORKSAFE_BENCH_REDIS`` to change it); procrastinate and pgqueuer need
+``pip install procrastinate pgqueuer asyncpg psycopg`` and ``FORKSAFE_BENCH_POSTGRES``, or
+the PostgreSQL server binaries (a throwaway server is started). A contender that cannot run
+is reported as skipped with the reason. Prints a table, then one JSON line with every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import multiprocessing
 import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +42,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+SLOW = {"rq"}
+"""Contenders that get a tenth of the jobs (RQ forks a process per job)."""
 
 REDIS_URL = os.environ.get("FORKSAFE_BENCH_REDIS", "redis://127.0.0.1:6379/15")
 
@@ -326,8 +334,268 @@ class RQ(Contender):
             time.sleep(0.0005)
 
 
+POSTGRES_URL = os.environ.get("FORKSAFE_BENCH_POSTGRES")
+
+
+class Postgres:
+    """``FORKSAFE_BENCH_POSTGRES``, else a throwaway server from the local PostgreSQL binaries.
+
+    The throwaway server runs with ``synchronous_commit=off``: like the SQLite queue in
+    WAL mode with ``synchronous=NORMAL``, a commit survives a process crash, not a power cut.
+    """
+
+    def __init__(self) -> None:
+        self.url = POSTGRES_URL
+        self._stop: list[str] | None = None
+        self._dir: str | None = None
+
+    def start(self) -> str:
+        if self.url:
+            return self.url
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        initdb = os.path.join(bins[-1], "initdb") if bins else shutil.which("initdb")
+        if not initdb or not os.path.exists(initdb):
+            raise RuntimeError("no PostgreSQL here; set FORKSAFE_BENCH_POSTGRES to a URL")
+        pg_ctl = os.path.join(os.path.dirname(initdb), "pg_ctl")
+        self._dir = tempfile.mkdtemp(prefix="fsbq-pg-")
+        run_as: list[str] = []
+        if os.getuid() == 0:  # the server refuses to run as root
+            shutil.chown(self._dir, "postgres")
+            run_as = ["runuser", "-u", "postgres", "--"]
+        data = os.path.join(self._dir, "data")
+        subprocess.run(
+            [*run_as, initdb, "-D", data, "-U", "bench", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+        )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        options = (
+            f"-p {port} -k {self._dir} -c listen_addresses=127.0.0.1 "
+            "-c synchronous_commit=off -c max_connections=50"
+        )
+        subprocess.run(
+            [
+                *run_as,
+                pg_ctl,
+                "-D",
+                data,
+                "-l",
+                os.path.join(self._dir, "log"),
+                "-w",
+                "-o",
+                options,
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self._stop = [*run_as, pg_ctl, "-D", data, "-m", "fast", "-w", "stop"]
+        self.url = f"postgresql://bench@127.0.0.1:{port}/postgres"
+        return self.url
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            subprocess.run(self._stop, capture_output=True)
+            self._stop = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+POSTGRES = Postgres()
+
+
+def _postgres_ok(module: str) -> str | None:
+    try:
+        __import__(module)
+        __import__("psycopg")
+    except ImportError:
+        return f"{module} is not installed (pip install {module} psycopg)"
+    try:
+        POSTGRES.start()
+    except Exception as exc:
+        return f"no PostgreSQL: {exc}"
+    return None
+
+
+def _poll(query: Any, params: tuple[Any, ...], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not query(params):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {params}")
+        time.sleep(0.0005)
+
+
+class Procrastinate(Contender):
+    name = "procrastinate"
+
+    def available(self) -> str | None:
+        return _postgres_ok("procrastinate")
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(self.dir)}
+
+    def prepare(self) -> None:
+        import psycopg
+
+        self.dir = self.workdir / "procrastinate"
+        self.dir.mkdir(exist_ok=True)
+        dsn = POSTGRES.url
+        with psycopg.connect(dsn, autocommit=True) as con:
+            con.execute("DROP DATABASE IF EXISTS bench_procrastinate")
+            con.execute("CREATE DATABASE bench_procrastinate")
+        self.dsn = dsn.rsplit("/", 1)[0] + "/bench_procrastinate"
+        (self.dir / "procrastinate_bench.py").write_text(
+            textwrap.dedent(f"""
+            import procrastinate
+            app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo={self.dsn!r}))
+
+            @app.task(name="noop")
+            def noop(i):
+                return i
+            """)
+        )
+        self.cli = [
+            os.path.join(os.path.dirname(sys.executable), "procrastinate"),
+            "--app=procrastinate_bench.app",
+        ]
+        subprocess.run(
+            [*self.cli, "schema", "--apply"],
+            check=True,
+            capture_output=True,
+            cwd=self.dir,
+            env=self._env(),
+        )
+        sys.path.insert(0, str(self.dir))
+        import procrastinate_bench  # type: ignore[import-not-found]
+
+        self.module = procrastinate_bench
+        self.module.app.open()
+        self.monitor = psycopg.connect(self.dsn, autocommit=True)
+
+    def reset(self) -> None:
+        self.monitor.execute("TRUNCATE procrastinate_jobs CASCADE")
+
+    def start(self) -> None:
+        self.processes = [
+            subprocess.Popen(
+                [*self.cli, "--log-level", "warning", "worker", "--concurrency", "1"],
+                cwd=self.dir,
+                env=self._env(),
+            )
+            for _ in range(2)
+        ]
+        self.wait(self.submit(-1), 60)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            process.wait(60)
+        self.module.app.close()
+        self.monitor.close()
+
+    def submit(self, i: int) -> Any:
+        return self.module.noop.defer(i=i)
+
+    def _done(self, params: tuple[Any, ...]) -> bool:
+        row = self.monitor.execute(
+            "SELECT status FROM procrastinate_jobs WHERE id = %s", params
+        ).fetchone()
+        return row is not None and row[0] == "succeeded"
+
+    def wait(self, handle: Any, timeout: float = 60) -> Any:
+        _poll(self._done, (handle,), timeout)
+
+
+class PgQueuer(Contender):
+    name = "pgqueuer"
+
+    def available(self) -> str | None:
+        return _postgres_ok("pgqueuer")
+
+    def prepare(self) -> None:
+        import psycopg
+        from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
+        from pgqueuer.adapters.persistence.queries import SyncQueries
+
+        self.dir = self.workdir / "pgqueuer"
+        self.dir.mkdir(exist_ok=True)
+        with psycopg.connect(POSTGRES.url, autocommit=True) as con:
+            con.execute("DROP DATABASE IF EXISTS bench_pgqueuer")
+            con.execute("CREATE DATABASE bench_pgqueuer")
+        self.dsn = str(POSTGRES.url).rsplit("/", 1)[0] + "/bench_pgqueuer"
+        (self.dir / "pgq_bench.py").write_text(
+            textwrap.dedent(f"""
+            from contextlib import asynccontextmanager
+
+            import asyncpg
+            from pgqueuer import PgQueuer
+            from pgqueuer.db import AsyncpgDriver
+
+            @asynccontextmanager
+            async def main():
+                connection = await asyncpg.connect({self.dsn!r})
+                pgq = PgQueuer(AsyncpgDriver(connection))
+
+                @pgq.entrypoint("noop")
+                async def noop(job):
+                    return None
+
+                yield pgq
+                await connection.close()
+            """)
+        )
+        self.cli = [os.path.join(os.path.dirname(sys.executable), "pgq"), "--pg-dsn", self.dsn]
+        subprocess.run([*self.cli, "install"], check=True, capture_output=True)
+        self.producer = psycopg.connect(self.dsn, autocommit=True)
+        self.queries = SyncQueries(SyncPsycopgDriver(self.producer))
+        self.monitor = psycopg.connect(self.dsn, autocommit=True)
+
+    def reset(self) -> None:
+        self.monitor.execute("TRUNCATE pgqueuer, pgqueuer_log")
+
+    def start(self) -> None:
+        self.processes = [
+            # pgqueuer.run() is what `pgq run` does (whose --log-level handling fails in 1.6).
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import asyncio, pgqueuer; asyncio.run(pgqueuer.run('pgq_bench:main'))",
+                ],
+                cwd=self.dir,
+                env={**os.environ, "PYTHONPATH": str(self.dir)},
+            )
+            for _ in range(2)
+        ]
+        self.wait(self.submit(-1), 60)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            process.wait(60)
+        self.producer.close()
+        self.monitor.close()
+
+    def submit(self, i: int) -> Any:
+        return self.queries.enqueue("noop", str(i).encode())[0]
+
+    def _done(self, params: tuple[Any, ...]) -> bool:
+        row = self.monitor.execute(
+            "SELECT 1 FROM pgqueuer_log WHERE job_id = %s AND status = 'successful'", params
+        ).fetchone()
+        return row is not None
+
+    def wait(self, handle: Any, timeout: float = 60) -> Any:
+        _poll(self._done, (handle,), timeout)
+
+
 CONTENDERS: dict[str, type[Contender]] = {
-    c.name: c for c in (Forksafe, ForksafeBulk, Celery, RQ, MultiprocessingPool)
+    c.name: c
+    for c in (Forksafe, ForksafeBulk, Celery, RQ, Procrastinate, PgQueuer, MultiprocessingPool)
 }
 
 
@@ -392,13 +660,14 @@ def main() -> int:
             results[name] = {"skipped": why_not}
             print(f"{name}: skipped: {why_not}", file=sys.stderr)
             continue
-        jobs = max(100, args.jobs // 10) if name == "rq" else args.jobs
+        jobs = max(100, args.jobs // 10) if name in SLOW else args.jobs
         print(f"{name}: {jobs} jobs ...", file=sys.stderr, flush=True)
         try:
             results[name] = measure(contender, jobs, args.trickle)
         except Exception as exc:
             results[name] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
             print(f"{name}: failed: {exc}", file=sys.stderr)
+    POSTGRES.stop()
     shutil.rmtree(workdir, ignore_errors=True)
 
     print(
