@@ -33,6 +33,7 @@ import os
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
+from django.conf import settings
 from django.db import connections
 from django.db.backends.signals import connection_created
 
@@ -65,6 +66,8 @@ def detach_connections(just_forked: bool = False) -> int:
     true (the fork hooks pass it: right after fork, every open connection is inherited).
     Calling it again in the same process is a no-op.
     """
+    if not settings.configured:
+        return 0  # settings never loaded: no connection can have been opened
     pid = os.getpid()
     detached = 0
     for wrapper in connections.all(initialized_only=True):
@@ -137,7 +140,7 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
     """A :class:`concurrent.futures.ThreadPoolExecutor` whose tasks close their Django
     connections when they finish, so idle pool threads hold no database session."""
 
-    def submit(  # type: ignore[override]
+    def submit(
         self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
     ) -> concurrent.futures.Future[R]:
         return super().submit(closing_connections()(fn), *args, **kwargs)
