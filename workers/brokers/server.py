@@ -44,7 +44,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 from forksafe import PooledDB
@@ -216,7 +216,14 @@ class ServerBroker(Broker):
         while True:
             try:
                 with self._connection() as con:
-                    result = work(con)
+                    try:
+                        result = work(con)
+                    except self.transient:
+                        # Ends a broken transaction; on a dead connection, the failed
+                        # rollback makes the pool connection reconnect for its next use.
+                        with suppress(Exception):
+                            con.rollback()
+                        raise
             except self.transient as exc:
                 disconnect = self._is_disconnect(exc)
                 if disconnect:

@@ -1,0 +1,700 @@
+"""The MySQL / MariaDB broker: one queue shared by workers on many machines (PyMySQL).
+
+``mysql://user:password@host:3306/database`` (also ``mariadb://``). Needs MySQL 8.0+
+or MariaDB 10.6+ (``SKIP LOCKED``); an older server is refused with a clear error.
+URL options: ``unix_socket``, ``charset``, ``connect_timeout``, and the broker's own:
+
+* ``retry_for`` — seconds an operation keeps retrying while the server is
+  unreachable (default 60); see :mod:`workers.brokers.server`.
+* ``max_connections`` — connections each process may open (default: as many as
+  its threads need; ``forksafe run --db-connections`` sets a fleet-wide budget).
+* ``poll_max`` — the longest pause, in seconds, between two looks of an idle
+  waiter at the queue (default 0.05).
+
+How it works:
+
+* **Claims** run in one ``READ COMMITTED`` transaction: ``SELECT ... ORDER BY
+  rank_key, run_at LIMIT n FOR UPDATE SKIP LOCKED``, then ``UPDATE`` of exactly those
+  rows (MySQL has no ``UPDATE ... RETURNING``). ``rank_key`` is ``-priority`` while a
+  job waits and a sentinel above every priority otherwise, so the index
+  ``(queue, rank_key, run_at)`` holds the waiting jobs first, in claim order, and
+  a claim reads only the rows it takes (MySQL has no partial indexes).
+* **Waiting** is adaptive polling (no ``LISTEN/NOTIFY`` here): an idle waiter looks
+  again after 1 ms, then 2, 4, ... up to ``poll_max``; any work found or submitted
+  by this process resets it to 1 ms.
+* **Schema** changes run under ``GET_LOCK('forksafe_schema')``, so supervisors
+  starting together migrate once.
+* Outcomes are written only for leases still current (``SELECT ... FOR UPDATE``,
+  then one ``UPDATE`` joined to the outcomes), all in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pymysql
+import pymysql.constants.CLIENT
+
+from workers import states
+from workers.brokers.base import (
+    BrokerURL,
+    ClaimedJob,
+    JobRecord,
+    NewJob,
+    Outcome,
+    WorkerInfo,
+)
+from workers.brokers.server import ServerBroker, url_number
+from workers.errors import BrokerError
+
+log = logging.getLogger("workers.brokers.mysql")
+
+SCHEMA_VERSION = 1
+DONE = 2**31
+"""``rank_key`` of a job that is not waiting: sorts after every waiting job."""
+POLL_MIN = 0.001
+OWN_OPTIONS = ("retry_for", "max_connections", "poll_max")
+DRIVER_OPTIONS = {"unix_socket": str, "charset": str, "connect_timeout": int}
+WORKER_ROW_TTL = 600.0
+"""Seconds after its last heartbeat that the sweep forgets a worker row (a dead host's)."""
+
+# Client errors and server errors that mean the session or the server is gone.
+DISCONNECTS = frozenset({1040, 1053, 1077, 1152, 1927, 2003, 2006, 2013, 2014, 2055, 4031})
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE IF NOT EXISTS forksafe_jobs (
+            seq BIGINT NOT NULL AUTO_INCREMENT,
+            id VARCHAR(191) NOT NULL,
+            task VARCHAR(255) NOT NULL,
+            queue VARCHAR(191) NOT NULL,
+            state VARCHAR(16) NOT NULL,
+            priority INT NOT NULL DEFAULT 0,
+            rank_key BIGINT NOT NULL,
+            payload LONGBLOB NOT NULL,
+            serializer VARCHAR(32) NOT NULL,
+            run_at DOUBLE NOT NULL,
+            expires_at DOUBLE NULL,
+            retries INT NOT NULL DEFAULT 0,
+            deliveries INT NOT NULL DEFAULT 0,
+            worker VARCHAR(255) NULL,
+            lease VARCHAR(64) NULL,
+            lease_until DOUBLE NULL,
+            created_at DOUBLE NOT NULL,
+            started_at DOUBLE NULL,
+            finished_at DOUBLE NULL,
+            result LONGBLOB NULL,
+            error LONGTEXT NULL,
+            traceback LONGTEXT NULL,
+            PRIMARY KEY (seq),
+            UNIQUE KEY forksafe_jobs_id (id),
+            KEY forksafe_jobs_due (queue, rank_key, run_at),
+            KEY forksafe_jobs_held (worker, state),
+            KEY forksafe_jobs_lapsing (state, lease_until),
+            KEY forksafe_jobs_finished (state, finished_at),
+            KEY forksafe_jobs_expiring (state, expires_at)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+        """CREATE TABLE IF NOT EXISTS forksafe_workers (
+            id VARCHAR(191) NOT NULL PRIMARY KEY,
+            hostname VARCHAR(255) NOT NULL,
+            pid INT NOT NULL,
+            supervisor_pid INT NOT NULL,
+            queues TEXT NOT NULL,
+            started_at DOUBLE NOT NULL,
+            heartbeat_at DOUBLE NOT NULL,
+            jobs_done BIGINT NOT NULL,
+            current_job TEXT NULL,
+            stats LONGTEXT NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+    ),
+}
+
+_WAITING = "('PENDING', 'SCHEDULED', 'RETRY')"
+_JOB_COLUMNS = (
+    "id, task, queue, state, priority, payload, serializer, run_at, expires_at, retries, "
+    "deliveries, worker, created_at, started_at, finished_at, result, error, traceback"
+)
+
+
+def check_server_version(version: str) -> None:
+    """Raise :class:`BrokerError` unless ``version`` (``SELECT VERSION()``) has SKIP LOCKED."""
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:3]] + [0, 0, 0]
+    major, minor, patch = numbers[:3]
+    if "mariadb" in version.lower():
+        if (major, minor) >= (10, 6):
+            return
+        needed = "MariaDB 10.6"
+    else:
+        if (major, minor, patch) >= (8, 0, 1):
+            return
+        needed = "MySQL 8.0.1"
+    raise BrokerError(
+        f"the server runs {version}, which has no SELECT ... FOR UPDATE SKIP LOCKED (added in "
+        f"{needed}); the mysql broker needs MySQL 8.0+ or MariaDB 10.6+: upgrade the server, "
+        f"or use a postgresql:// or sqlite:// broker"
+    )
+
+
+def _disconnected(exc: BaseException) -> bool:
+    if isinstance(exc, (pymysql.err.InterfaceError, pymysql.err.InternalError)):
+        return True
+    code = exc.args[0] if exc.args else None
+    return not isinstance(code, int) or code in DISCONNECTS
+
+
+class MySQLBroker(ServerBroker):
+    """The :class:`~workers.brokers.base.Broker` interface on a MySQL or MariaDB database."""
+
+    transient = (
+        pymysql.err.OperationalError,
+        pymysql.err.InterfaceError,
+        pymysql.err.InternalError,
+    )
+    failures = transient
+    label = "MySQL"
+
+    def __init__(self, url: BrokerURL) -> None:
+        super().__init__(url)
+        params: dict[str, Any] = {}
+        for key, value in url.query.items():
+            if key in DRIVER_OPTIONS:
+                params[key] = DRIVER_OPTIONS[key](value)
+        params.update(
+            host=url.host or "localhost",
+            port=url.port or 3306,
+            user=url.user or "root",
+            password=url.password or "",
+            database=url.database or None,
+            autocommit=True,
+            client_flag=pymysql.constants.CLIENT.FOUND_ROWS,
+        )
+        params.setdefault("charset", "utf8mb4")
+        self._params = params
+        self.poll_max = url_number(url, "poll_max", 0.05, minimum=POLL_MIN)
+        self._poll = threading.local()
+
+    def _connect(self) -> Any:
+        con = pymysql.connect(**self._params)
+        try:
+            with con.cursor() as cursor:
+                cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _is_disconnect(self, exc: BaseException) -> bool:
+        return _disconnected(exc)
+
+    def _run(self, sql: str, params: Sequence[Any] = (), retry: bool = True) -> list[Any]:
+        """One statement in autocommit mode, never re-sent by the pool; rows, or [rowcount]."""
+
+        def work(con: Any) -> list[Any]:
+            cursor = con.cursor()
+            try:
+                with cursor.no_failover():
+                    cursor.execute(sql, tuple(params))
+                if cursor.description is not None:
+                    return list(cursor.fetchall())
+                return [int(cursor.rowcount)]
+            finally:
+                cursor.close()
+
+        return self._attempt(work, retry, [])
+
+    def _count(self, sql: str, params: Sequence[Any], retry: bool) -> int:
+        rows = self._run(sql, params, retry)
+        return int(rows[0]) if rows else 0
+
+    # -- schema -------------------------------------------------------------------
+
+    def setup(self) -> None:
+        if self._schema_ok:
+            return
+
+        def version(cursor: Any) -> int:
+            cursor.execute(
+                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()"
+                " AND TABLE_NAME = 'forksafe_schema'"
+            )
+            if not cursor.fetchone()[0]:
+                return 0
+            cursor.execute("SELECT MAX(version) FROM forksafe_schema")
+            return int(cursor.fetchone()[0] or 0)
+
+        def work(con: Any) -> None:
+            cursor = con.cursor()
+            with cursor.no_failover():
+                cursor.execute("SELECT VERSION(), DATABASE()")
+                server, database = cursor.fetchone()
+                check_server_version(server)
+                if database is None:
+                    raise BrokerError(
+                        f"broker URL {self.url.masked()!r} names no database; add one, like "
+                        f"mysql://user@host/jobs"
+                    )
+                if version(cursor) == SCHEMA_VERSION:
+                    return
+                cursor.execute("SELECT GET_LOCK('forksafe_schema', 60)")
+                if cursor.fetchone()[0] != 1:
+                    raise BrokerError(
+                        f"waited 60 s for another process migrating the queue schema in "
+                        f"{self.url.masked()}; try again"
+                    )
+                try:
+                    cursor.execute(
+                        "CREATE TABLE IF NOT EXISTS forksafe_schema (version INT NOT NULL)"
+                    )
+                    current = version(cursor)
+                    if current > SCHEMA_VERSION:
+                        raise BrokerError(
+                            f"the queue in {self.url.masked()} has schema version {current}, "
+                            f"newer than this workers version understands ({SCHEMA_VERSION}); "
+                            f"upgrade forksafe"
+                        )
+                    for number in range(current + 1, SCHEMA_VERSION + 1):
+                        for statement in MIGRATIONS[number]:
+                            cursor.execute(statement)
+                        cursor.execute("DELETE FROM forksafe_schema")
+                        cursor.execute(
+                            "INSERT INTO forksafe_schema (version) VALUES (%s)", (number,)
+                        )
+                        log.info(
+                            "queue schema in %s migrated to version %d", self.url.masked(), number
+                        )
+                finally:
+                    cursor.execute("SELECT RELEASE_LOCK('forksafe_schema')")
+
+        self._attempt(work, True, None)
+        self._schema_ok = True
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[bool]:
+        if not jobs:
+            return []
+        self._busy()
+        rows: list[tuple[Any, ...]] = []
+        for job in jobs:
+            eta = now if job.eta is None else job.eta
+            state = states.SCHEDULED if eta > now else states.PENDING
+            rows.append(
+                (
+                    job.id,
+                    job.task,
+                    job.queue,
+                    state,
+                    job.priority,
+                    -job.priority,
+                    job.payload,
+                    job.serializer,
+                    eta,
+                    job.expires_at,
+                    now,
+                )
+            )
+        insert = (
+            "INSERT IGNORE INTO forksafe_jobs (id, task, queue, state, priority, rank_key,"
+            " payload, serializer, run_at, expires_at, created_at) VALUES "
+        )
+        marks = "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+        if len(jobs) == 1:
+            return [self._count(insert + marks, rows[0], retry=True) == 1]
+
+        def work(con: Any) -> list[bool]:
+            con.begin()
+            cursor = con.cursor()
+            try:
+                with cursor.no_failover():
+                    ids = sorted({job.id for job in jobs})
+                    existing: set[str] = set()
+                    for start in range(0, len(ids), 1000):
+                        chunk = ids[start : start + 1000]
+                        cursor.execute(
+                            "SELECT id FROM forksafe_jobs WHERE id IN ("
+                            + ",".join(["%s"] * len(chunk))
+                            + ")",
+                            chunk,
+                        )
+                        existing.update(row[0] for row in cursor.fetchall())
+                    created: list[bool] = []
+                    fresh: list[tuple[Any, ...]] = []
+                    seen = set(existing)
+                    for job, row in zip(jobs, rows, strict=True):
+                        created.append(job.id not in seen)
+                        if job.id not in seen:
+                            fresh.append(row)
+                            seen.add(job.id)
+                    for start in range(0, len(fresh), 500):
+                        chunk_rows = fresh[start : start + 500]
+                        cursor.execute(
+                            insert + ",".join([marks] * len(chunk_rows)),
+                            [value for row in chunk_rows for value in row],
+                        )
+                con.commit()
+                return created
+            finally:
+                cursor.close()
+
+        return self._attempt(work, True, [])
+
+    def claim(
+        self, worker: str, queues: Sequence[str], limit: int, lease_seconds: float, now: float
+    ) -> list[ClaimedJob]:
+        doubts = self._take_doubts()
+        if doubts:
+            self._give_back_doubts(doubts)
+        lease = os.urandom(12).hex()
+        marks = ",".join(["%s"] * len(queues))
+        queue_test = "queue = %s" if len(queues) == 1 else f"queue IN ({marks})"
+        select = (
+            "SELECT seq, id, task, queue, payload, serializer, priority, retries, deliveries"
+            f" FROM forksafe_jobs WHERE {queue_test} AND rank_key < {DONE} AND run_at <= %s"
+            f" AND state IN {_WAITING} AND (expires_at IS NULL OR expires_at > %s)"
+            " ORDER BY rank_key, run_at LIMIT %s FOR UPDATE SKIP LOCKED"
+        )
+
+        def work(con: Any) -> list[Any]:
+            con.begin()
+            cursor = con.cursor()
+            try:
+                with cursor.no_failover():
+                    cursor.execute(select, (*queues, now, now, limit))
+                    rows = list(cursor.fetchall())
+                    if not rows:
+                        con.commit()
+                        return []
+                    cursor.execute(
+                        "UPDATE forksafe_jobs SET state = 'STARTED', rank_key = %s, worker = %s,"
+                        " lease = %s, lease_until = %s, started_at = %s,"
+                        " deliveries = deliveries + 1 WHERE seq IN ("
+                        + ",".join(["%s"] * len(rows))
+                        + ")",
+                        (DONE, worker, lease, now + lease_seconds, now, *[row[0] for row in rows]),
+                    )
+                    con.commit()
+                return rows
+            except self.transient:
+                self._doubt(worker, lease)
+                raise
+            finally:
+                cursor.close()
+
+        rows: list[Any] = self._attempt(work, False, [])
+        if rows:
+            self._busy()
+        return [
+            ClaimedJob(
+                id=row[1],
+                task=row[2],
+                queue=row[3],
+                payload=bytes(row[4]),
+                serializer=row[5],
+                priority=row[6],
+                retries=row[7],
+                deliveries=row[8] + 1,
+                lease=lease,
+            )
+            for row in rows
+        ]
+
+    def _give_back_doubts(self, doubts: list[tuple[str, str]]) -> None:
+        leases = [lease for _, lease in doubts]
+        rows = self._run(
+            "UPDATE forksafe_jobs SET state = 'PENDING', rank_key = -priority, lease = NULL,"
+            " lease_until = NULL, deliveries = GREATEST(deliveries - 1, 0)"
+            " WHERE state = 'STARTED' AND lease IN (" + ",".join(["%s"] * len(leases)) + ")",
+            leases,
+            retry=False,
+        )
+        if not rows:
+            self._unsure.extend(doubts)
+        elif rows[0]:
+            log.info("gave back %d job(s) of a claim whose reply was lost", rows[0])
+
+    def record(self, outcomes: Sequence[Outcome], now: float) -> list[bool]:
+        if not outcomes:
+            return []
+        ids = sorted({outcome.job_id for outcome in outcomes})
+
+        def work(con: Any) -> list[bool]:
+            con.begin()
+            cursor = con.cursor()
+            try:
+                with cursor.no_failover():
+                    cursor.execute(
+                        "SELECT id, lease FROM forksafe_jobs WHERE state = 'STARTED' AND id IN ("
+                        + ",".join(["%s"] * len(ids))
+                        + ") FOR UPDATE",
+                        ids,
+                    )
+                    current = dict(cursor.fetchall())
+                    kept: list[bool] = []
+                    chosen: list[Outcome] = []
+                    for outcome in outcomes:
+                        ok = current.get(outcome.job_id) == outcome.lease
+                        kept.append(ok)
+                        if ok:
+                            chosen.append(outcome)
+                            current.pop(outcome.job_id)  # one outcome per lease
+                    if chosen:
+                        self._write_outcomes(cursor, chosen, now)
+                con.commit()
+                return kept
+            finally:
+                cursor.close()
+
+        return self._attempt(work, True, [])
+
+    def _write_outcomes(self, cursor: Any, chosen: Sequence[Outcome], now: float) -> None:
+        values: list[Any] = []
+        selects: list[str] = []
+        for outcome in chosen:
+            selects.append(
+                "SELECT %s AS jid, %s AS jstate, %s AS jresult, %s AS jerror,"
+                " %s AS jtraceback, %s AS jeta"
+            )
+            values += [
+                outcome.job_id,
+                outcome.state,
+                outcome.result,
+                json.dumps(outcome.error) if outcome.error is not None else None,
+                outcome.traceback,
+                outcome.retry_at,
+            ]
+        cursor.execute(
+            "UPDATE forksafe_jobs j JOIN (" + " UNION ALL ".join(selects) + ") v ON j.id = v.jid"
+            " SET j.rank_key = CASE WHEN v.jstate IN ('PENDING', 'SCHEDULED', 'RETRY')"
+            f" THEN -j.priority ELSE {DONE} END,"
+            " j.run_at = CASE WHEN v.jstate = 'RETRY' THEN v.jeta ELSE j.run_at END,"
+            " j.retries = j.retries + (v.jstate = 'RETRY'),"
+            " j.finished_at = CASE WHEN v.jstate = 'RETRY' THEN NULL ELSE %s END,"
+            " j.state = v.jstate, j.result = v.jresult, j.error = v.jerror,"
+            " j.traceback = v.jtraceback, j.lease = NULL, j.lease_until = NULL",
+            [*values, now],
+        )
+
+    def extend_leases(self, worker: str, lease_seconds: float, now: float) -> int:
+        return self._count(
+            "UPDATE forksafe_jobs SET lease_until = %s WHERE worker = %s AND state = 'STARTED'",
+            (now + lease_seconds, worker),
+            retry=False,
+        )
+
+    def release(self, worker: str, job_ids: Sequence[str], now: float) -> int:
+        if not job_ids:
+            return 0
+        return self._count(
+            "UPDATE forksafe_jobs SET state = 'PENDING', rank_key = -priority, lease = NULL,"
+            " lease_until = NULL, deliveries = GREATEST(deliveries - 1, 0)"
+            " WHERE worker = %s AND state = 'STARTED' AND id IN ("
+            + ",".join(["%s"] * len(job_ids))
+            + ")",
+            (worker, *job_ids),
+            retry=False,
+        )
+
+    def release_lost(self, worker: str, max_deliveries: int, now: float) -> int:
+        return self._release_where("worker = %s", (worker,), max_deliveries, now)
+
+    def sweep(self, max_deliveries: int, now: float) -> int:
+        changed = self._release_where("lease_until < %s", (now,), max_deliveries, now)
+        changed += self._count(
+            f"UPDATE forksafe_jobs SET state = 'EXPIRED', rank_key = {DONE}, finished_at = %s"
+            f" WHERE state IN {_WAITING} AND expires_at IS NOT NULL AND expires_at <= %s",
+            (now, now),
+            retry=False,
+        )
+        self._run(
+            "DELETE FROM forksafe_workers WHERE heartbeat_at < %s",
+            (now - WORKER_ROW_TTL,),
+            retry=False,
+        )
+        return changed
+
+    def _release_where(
+        self, where: str, params: tuple[Any, ...], max_deliveries: int, now: float
+    ) -> int:
+        lost = json.dumps(
+            {
+                "type": "workers.errors.WorkerLostError",
+                "message": f"the worker running this job died {max_deliveries} times",
+                "args": [],
+            }
+        )
+        # Single-table UPDATE assigns left to right: deliveries is read before any change.
+        return self._count(
+            "UPDATE forksafe_jobs SET lease = NULL, lease_until = NULL,"
+            f" rank_key = CASE WHEN deliveries >= %s THEN {DONE} ELSE -priority END,"
+            " error = CASE WHEN deliveries >= %s THEN %s ELSE error END,"
+            " finished_at = CASE WHEN deliveries >= %s THEN %s ELSE NULL END,"
+            " state = CASE WHEN deliveries >= %s THEN 'FAILURE' ELSE 'PENDING' END"
+            f" WHERE state = 'STARTED' AND {where}",
+            (max_deliveries, max_deliveries, lost, max_deliveries, now, max_deliveries, *params),
+            retry=False,
+        )
+
+    def fetch(self, job_id: str) -> JobRecord | None:
+        rows = self._run(f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = %s", (job_id,))
+        return _job_record(rows[0]) if rows else None
+
+    def revoke(self, job_id: str, now: float) -> bool:
+        return (
+            self._count(
+                f"UPDATE forksafe_jobs SET state = 'REVOKED', rank_key = {DONE}, finished_at = %s,"
+                " lease = NULL, lease_until = NULL"
+                " WHERE id = %s AND state IN ('PENDING', 'SCHEDULED', 'RETRY', 'STARTED')",
+                (now, job_id),
+                retry=True,
+            )
+            == 1
+        )
+
+    def retry(self, job_id: str, now: float) -> bool:
+        changed = self._count(
+            "UPDATE forksafe_jobs SET state = 'PENDING', rank_key = -priority, run_at = %s,"
+            " expires_at = NULL, finished_at = NULL, deliveries = 0, retries = 0, error = NULL,"
+            " traceback = NULL, result = NULL"
+            " WHERE id = %s AND state IN ('FAILURE', 'REVOKED', 'EXPIRED')",
+            (now, job_id),
+            retry=True,
+        )
+        if changed:
+            self._busy()
+        return changed == 1
+
+    def jobs(self, state_filter: Sequence[str] | None, limit: int) -> list[JobRecord]:
+        if state_filter:
+            rows = self._run(
+                f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE state IN ("
+                + ",".join(["%s"] * len(state_filter))
+                + ") ORDER BY seq DESC LIMIT %s",
+                (*state_filter, limit),
+            )
+        else:
+            rows = self._run(
+                f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs ORDER BY seq DESC LIMIT %s", (limit,)
+            )
+        return [_job_record(row) for row in rows]
+
+    def counts(self, now: float) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for queue, state, number in self._run(
+            "SELECT queue, state, COUNT(*) FROM forksafe_jobs GROUP BY queue, state"
+        ):
+            result.setdefault(queue, {})[state] = int(number)
+        return result
+
+    def outstanding(self, queues: Sequence[str], now: float) -> int:
+        rows = self._run(
+            "SELECT COUNT(*) FROM forksafe_jobs WHERE queue IN ("
+            + ",".join(["%s"] * len(queues))
+            + f") AND (state = 'STARTED' OR (state IN {_WAITING}"
+            " AND (run_at <= %s OR state = 'RETRY')))",
+            (*queues, now),
+        )
+        return int(rows[0][0])
+
+    def purge(self, state_filter: Sequence[str], finished_before: float | None) -> int:
+        if not state_filter:
+            return 0
+        sql = (
+            "DELETE FROM forksafe_jobs WHERE state IN ("
+            + ",".join(["%s"] * len(state_filter))
+            + ")"
+        )
+        params: list[Any] = list(state_filter)
+        if finished_before is not None:
+            sql += " AND finished_at < %s"
+            params.append(finished_before)
+        return self._count(sql, params, retry=True)
+
+    # -- workers ------------------------------------------------------------------
+
+    def report_worker(self, info: WorkerInfo) -> None:
+        self._run(
+            "INSERT INTO forksafe_workers (id, hostname, pid, supervisor_pid, queues,"
+            " started_at, heartbeat_at, jobs_done, current_job, stats)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON DUPLICATE KEY UPDATE"
+            " heartbeat_at = VALUES(heartbeat_at), jobs_done = VALUES(jobs_done),"
+            " current_job = VALUES(current_job), stats = VALUES(stats)",
+            (
+                info.id,
+                info.hostname,
+                info.pid,
+                info.supervisor_pid,
+                ",".join(info.queues),
+                info.started_at,
+                info.heartbeat_at,
+                info.jobs_done,
+                info.current_job,
+                json.dumps(dict(info.stats), default=str),
+            ),
+            retry=False,
+        )
+
+    def remove_worker(self, worker: str) -> None:
+        self._run("DELETE FROM forksafe_workers WHERE id = %s", (worker,), retry=False)
+
+    def workers(self) -> list[WorkerInfo]:
+        rows = self._run(
+            "SELECT id, hostname, pid, supervisor_pid, queues, started_at, heartbeat_at,"
+            " jobs_done, current_job, stats FROM forksafe_workers ORDER BY started_at"
+        )
+        return [
+            WorkerInfo(
+                id=row[0],
+                hostname=row[1],
+                pid=row[2],
+                supervisor_pid=row[3],
+                queues=tuple(row[4].split(",")) if row[4] else (),
+                started_at=row[5],
+                heartbeat_at=row[6],
+                jobs_done=int(row[7]),
+                current_job=row[8],
+                stats=json.loads(row[9]),
+            )
+            for row in rows
+        ]
+
+    # -- waiting ------------------------------------------------------------------
+
+    def _busy(self) -> None:
+        self._poll.pause = POLL_MIN
+
+    def wait(self, timeout: float) -> None:
+        """Sleep before the next look at the queue: 1 ms after work was seen, doubling
+        on every idle look up to ``poll_max`` seconds, never longer than ``timeout``."""
+        pause = getattr(self._poll, "pause", POLL_MIN)
+        time.sleep(max(0.0, min(pause, timeout)))
+        self._poll.pause = min(pause * 2, self.poll_max)
+
+
+def _job_record(row: Sequence[Any]) -> JobRecord:
+    return JobRecord(
+        id=row[0],
+        task=row[1],
+        queue=row[2],
+        state=row[3],
+        priority=row[4],
+        payload=bytes(row[5]),
+        serializer=row[6],
+        eta=row[7],
+        expires_at=row[8],
+        retries=row[9],
+        deliveries=row[10],
+        worker=row[11],
+        created_at=row[12],
+        started_at=row[13],
+        finished_at=row[14],
+        result=bytes(row[15]) if row[15] is not None else None,
+        error=json.loads(row[16]) if row[16] else None,
+        traceback=row[17],
+    )
