@@ -185,8 +185,9 @@ def test_bad_input_exits_2_with_a_clear_message(
 
 
 def test_broker_password_is_masked_in_errors(tmp_path: Path, tasks_path: Path) -> None:
-    result = forksafe(tmp_path, "status", "--broker", "mysql://app:hunter2@localhost/q")
+    result = forksafe(tmp_path, "status", "--broker", "postgress://app:hunter2@localhost/q")
     assert result.returncode == 2
+    assert "did you mean 'postgres'" in result.stderr
     assert "hunter2" not in result.stderr and "app:***@localhost" in result.stderr
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from workers import states
 from workers.brokers import NewJob, Outcome, create_broker, mask_url, parse_url
+from workers.brokers.base import BROKER_CLASSES
 from workers.brokers.doorbell import SUPPORTED as DOORBELL_SUPPORTED
 from workers.brokers.doorbell import Doorbell
 from workers.brokers.sqlite import SCHEMA_VERSION, SQLiteBroker
@@ -95,9 +96,15 @@ def test_passwords_are_masked_in_every_display() -> None:
     assert url.masked() == "postgresql://bob:***@db.example:5433/jobs?sslmode=require"
     assert "p%40ss" in url.unmasked()
     assert mask_url("bogus://u:secret@h/x") == "bogus://u:***@h/x"
+
+
+def test_a_scheme_without_its_broker_module_is_a_named_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(BROKER_CLASSES, "fake", "workers.brokers.not_written_yet:FakeBroker")
     with pytest.raises(BrokerURLError, match="not available in this version") as caught:
-        create_broker("postgresql://bob:secret@localhost/jobs")
-    assert "secret" not in str(caught.value)
+        create_broker("fake://bob:secret@localhost/jobs")
+    assert "secret" not in str(caught.value) and "bob:***@localhost" in str(caught.value)
 
 
 def test_same_job_id_twice_is_one_job(tmp_path: Path) -> None:
