@@ -272,7 +272,7 @@ class MySQLBroker(ServerBroker):
                 finally:
                     cursor.execute("SELECT RELEASE_LOCK('forksafe_schema')")
 
-        self._attempt(work, True, None)
+        self._attempt(work, True, None, None if self._reached else 0.0)
         self._schema_ok = True
 
     # -- jobs ---------------------------------------------------------------------

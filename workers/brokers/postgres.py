@@ -253,7 +253,7 @@ class PostgresBroker(ServerBroker):
                         cursor.execute("ROLLBACK")
                     raise
 
-        self._attempt(work, True, None)
+        self._attempt(work, True, None, None if self._reached else 0.0)
         self._schema_ok = True
 
     # -- jobs ---------------------------------------------------------------------

@@ -20,7 +20,10 @@ What happens to each operation during an outage:
 * ``extend_leases``, ``report_worker``, ``remove_worker``, ``release``,
   ``release_lost`` and ``sweep`` are skipped: a lease that lapses meanwhile puts its
   job back in the queue, which is what leases are for.
-* ``record``, ``enqueue``, ``setup`` and the reads are retried for up to
+* ``setup`` of a broker that never reached its server fails at once (a wrong
+  URL or a server that is down when ``forksafe status`` runs is reported, not waited
+  for); after that, it is retried like the others:
+* ``record``, ``enqueue`` and the reads are retried for up to
   ``retry_for`` seconds (URL option, default 60), then raise
   :class:`BrokerUnavailableError`. A worker that cannot record an outcome dies; its
   job runs again once its lease runs out (the outcome of the first run is dropped by
@@ -62,6 +65,11 @@ FIRST_PAUSE = 0.02
 MAX_PAUSE = 1.0
 
 WAITING_STATES = ("PENDING", "SCHEDULED", "RETRY")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 class BrokerUnavailableError(BrokerError):
@@ -112,6 +120,7 @@ class ServerBroker(Broker):
         self._health = threading.Lock()
         self._outage_since: float | None = None
         self._outage_pid = 0
+        self._reached = False  # whether this broker ever reached its server
         self._unsure: list[tuple[str, str]] = []  # (worker, lease) of claims in doubt
 
     # -- connections --------------------------------------------------------------
@@ -187,7 +196,7 @@ class ServerBroker(Broker):
             self.label,
             self.url.masked(),
             type(exc).__name__,
-            str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            _first_line(exc),
         )
 
     def _recovered(self) -> None:
@@ -205,12 +214,16 @@ class ServerBroker(Broker):
             time.monotonic() - since,
         )
 
-    def _attempt(self, work: Callable[[Any], T], retry: bool, default: T) -> T:
+    def _attempt(
+        self, work: Callable[[Any], T], retry: bool, default: T, patience: float | None = None
+    ) -> T:
         """Run ``work(connection)``; on a transient error retry (``retry``) or return ``default``.
 
-        Retries stop after ``retry_for`` seconds with :class:`BrokerUnavailableError`.
-        A deadlock victim is always retried.
+        Retries stop after ``patience`` (default ``retry_for``) seconds with
+        :class:`BrokerUnavailableError`. A deadlock victim is always retried.
         """
+        if patience is None:
+            patience = self.retry_for
         deadline: float | None = None
         pause = FIRST_PAUSE
         while True:
@@ -226,22 +239,24 @@ class ServerBroker(Broker):
                         raise
             except self.transient as exc:
                 disconnect = self._is_disconnect(exc)
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + patience
+                if now >= deadline and (retry or not disconnect):
+                    waited = f"for {patience:g} s " if patience else ""
+                    raise BrokerUnavailableError(
+                        f"the broker {self.label} {self.url.masked()} could not be used "
+                        f"{waited}({type(exc).__name__}: {_first_line(exc)}); check "
+                        f"the server and the URL, or raise ?retry_for="
+                    ) from exc
                 if disconnect:
                     self._lost(exc)
                     if not retry:
                         return default
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.retry_for
-                elif now > deadline:
-                    raise BrokerUnavailableError(
-                        f"the broker {self.label} {self.url.masked()} could not be used for "
-                        f"{self.retry_for:g} s ({type(exc).__name__}: {exc}); check the server "
-                        f"or raise ?retry_for="
-                    ) from exc
                 time.sleep(pause if disconnect else pause / 4)
                 pause = min(pause * 2, MAX_PAUSE)
                 continue
+            self._reached = True
             if self._outage_since is not None:
                 self._recovered()
             return result
