@@ -77,6 +77,7 @@ def celery_conf(tmp_path: Path) -> dict[str, Any]:
             "data_folder_in": str(queue),
             "data_folder_out": str(queue),
             "processed_folder": str(queue / "processed"),
+            "polling_interval": 0.05,
         },
         "result_backend": f"file://{tmp_path / 'results'}",
         "worker_prefetch_multiplier": 1,
@@ -112,7 +113,7 @@ def test_celery_prefork_children_each_get_their_own_session_and_the_parent_keeps
         assert wait_until(parent_file.exists, 60), worker.log_tail()
         parent = json.loads(parent_file.read_text())
         results = [client.send_task("fs.session", args=[f"t{n}"]) for n in range(80)]
-        answers = [r.get(timeout=90) for r in results]
+        answers = [r.get(timeout=90, interval=0.05) for r in results]
         assert [a["token"] for a in answers] == [f"t{n}" for n in range(80)]
         assert all(a["hooked"] for a in answers)
         by_pid: dict[int, set[int]] = {}
