@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_workers_harness import burst, load_tasks, write_tasks
+from test_workers_harness import burst, load_tasks, queue_rows, queue_url, write_tasks
 
 import workers
 from workers import App, AsyncResult, states
@@ -68,9 +67,12 @@ def tasks(tmp_path: Path):  # type: ignore[no-untyped-def]
     return load_tasks(write_tasks(tmp_path, TASKS))
 
 
+pytest_plugins = ["test_workers_harness"]  # the any_broker fixture
+pytestmark = pytest.mark.usefixtures("any_broker")  # every test, on every broker
+
+
 def db_rows(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(tmp_path / "queue.db") as con:
-        return list(con.execute(sql))
+    return queue_rows(tmp_path, sql)
 
 
 def test_plain_call_runs_inline(tasks) -> None:  # type: ignore[no-untyped-def]
@@ -90,8 +92,8 @@ def test_job_id_makes_submission_idempotent(tasks, tmp_path: Path) -> None:  # t
     first = tasks.add.apply_async((2, 3), job_id="k1")
     second = tasks.add.apply_async((20, 30), job_id="k1")
     assert first.id == second.id == "k1"
-    assert db_rows(tmp_path, "SELECT count(*), payload FROM forksafe_jobs") == [
-        (1, b'{"args":[2,3],"kwargs":{}}')
+    assert db_rows(tmp_path, "SELECT payload FROM forksafe_jobs") == [
+        (b'{"args":[2,3],"kwargs":{}}',)
     ]
 
 
@@ -99,8 +101,13 @@ def test_apply_async_options_are_stored(tasks, tmp_path: Path) -> None:  # type:
     before = time.time()
     tasks.add.apply_async((2, 3), countdown=5, expires=60, priority=5, queue="fast", job_id="o")
     tasks.shout.delay("x")
-    ((queue, state, priority, eta, expires),) = db_rows(
-        tmp_path, "SELECT queue, state, priority, eta, expires_at FROM forksafe_jobs WHERE id='o'"
+    record = tasks.app.broker.fetch("o")
+    queue, state, priority, eta, expires = (
+        record.queue,
+        record.state,
+        record.priority,
+        record.eta,
+        record.expires_at,
     )
     assert (queue, state, priority) == ("fast", states.SCHEDULED, 5)
     assert before + 5 <= eta <= time.time() + 5
@@ -163,7 +170,7 @@ def test_async_result_is_rebuilt_from_an_id_in_another_process(tasks, tmp_path: 
     burst(tmp_path, tmp_path / "tasks.py", "--workers", "1")
     code = (
         "from workers import App, AsyncResult\n"
-        f"app = App('sqlite:///{tmp_path / 'queue.db'}')\n"
+        f"app = App({queue_url(tmp_path)!r})\n"
         f"r = AsyncResult({job.id!r}, app=app)\n"
         "print(r.state, r.get(timeout=5), r.worker.split(':')[1].isdigit())\n"
     )

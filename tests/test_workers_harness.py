@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from brokers import KINDS as BROKER_KINDS
+from brokers import broker_url, table_rows
 
 FORKSAFE = [sys.executable, "-m", "workers.cli"]
 
@@ -37,10 +39,34 @@ def wait_until(
         pause = min(pause * 2, 0.1)
 
 
+_queue: dict[str, str] = {}
+
+
+def queue_url(tmp_path: Path) -> str:
+    """The broker URL of this test's queue: the ``any_broker`` one, else SQLite in tmp_path."""
+    return _queue.get("url") or f"sqlite:///{tmp_path / 'queue.db'}"
+
+
+def queue_rows(tmp_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) run on this test's queue database, committed."""
+    return table_rows(queue_url(tmp_path), sql, params)
+
+
+@pytest.fixture(params=BROKER_KINDS)
+def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Run the test once per broker (SQLite, PostgreSQL, MariaDB): ``write_tasks``,
+    ``queue_url`` and ``queue_rows`` use that broker's empty queue."""
+    _queue["url"] = broker_url(request.param, tmp_path, request)
+    try:
+        yield _queue["url"]
+    finally:
+        _queue.clear()
+
+
 def write_tasks(tmp_path: Path, body: str, name: str = "tasks.py") -> Path:
-    """A tasks module whose App uses a SQLite queue in ``tmp_path``."""
+    """A tasks module whose App uses this test's queue (see ``queue_url``)."""
     path = tmp_path / name
-    header = f"from workers import App\napp = App('sqlite:///{tmp_path / 'queue.db'}')\n"
+    header = f"from workers import App\napp = App({queue_url(tmp_path)!r})\n"
     path.write_text(header + textwrap.dedent(body))
     return path
 
