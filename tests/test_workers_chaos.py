@@ -5,16 +5,23 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
-from test_workers_harness import burst, load_tasks, process_state, wait_until, write_tasks
+from test_workers_harness import (
+    burst,
+    load_tasks,
+    process_state,
+    queue_rows,
+    wait_until,
+    write_tasks,
+)
 
 from workers import states
 
-pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
+pytest_plugins = ["test_workers_harness"]  # the run_workers and any_broker fixtures
+pytestmark = pytest.mark.usefixtures("any_broker")  # every test, on every broker
 
 TASKS = """
 import os, time
@@ -33,8 +40,7 @@ def add(x, y):
 
 
 def rows(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(tmp_path / "queue.db") as con:
-        return list(con.execute(sql))
+    return queue_rows(tmp_path, sql)
 
 
 @pytest.mark.timeout(180)
@@ -83,9 +89,12 @@ def test_unknown_task_and_corrupt_payload_fail_their_job_and_the_worker_carries_
     tasks.app.send("no_such_task", (1,), job_id="unknown")
     tasks.app.send("add", (1, 2), job_id="corrupt")
     tasks.app.send("add", (1, 2), job_id="wrong-shape")
-    with sqlite3.connect(tmp_path / "queue.db") as con:
-        con.execute("UPDATE forksafe_jobs SET payload = x'00ff' WHERE id = 'corrupt'")
-        con.execute("UPDATE forksafe_jobs SET payload = '[1, 2]' WHERE id = 'wrong-shape'")
+    queue_rows(
+        tmp_path, "UPDATE forksafe_jobs SET payload = ? WHERE id = 'corrupt'", (b"\x00\xff",)
+    )
+    queue_rows(
+        tmp_path, "UPDATE forksafe_jobs SET payload = ? WHERE id = 'wrong-shape'", (b"[1, 2]",)
+    )
     after = tasks.add.delay(2, 2)
     log = burst(tmp_path, tmp_path / "tasks.py", "--workers", "1")
     assert before.get(timeout=1) == 2 and after.get(timeout=1) == 4

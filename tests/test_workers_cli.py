@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_workers_harness import FORKSAFE, burst, load_tasks, write_tasks
+from test_workers_harness import FORKSAFE, burst, load_tasks, queue_url, write_tasks
 
 from workers import states
+from workers.brokers import mask_url
 
-pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
+pytest_plugins = ["test_workers_harness"]  # the run_workers and any_broker fixtures
+pytestmark = pytest.mark.usefixtures("any_broker")  # every test, on every broker
 
 TASKS = """
 @app.task
@@ -30,7 +32,7 @@ def forksafe(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     full_env = dict(os.environ)
-    full_env["FORKSAFE_BROKER"] = f"sqlite:///{tmp_path / 'queue.db'}"
+    full_env["FORKSAFE_BROKER"] = queue_url(tmp_path)
     full_env.update(env or {})
     return subprocess.run(
         [*FORKSAFE, *args],
@@ -90,7 +92,7 @@ def test_run_logs_a_banner_and_one_line_per_job(tmp_path: Path, tasks_path: Path
     ok = tasks.add.delay(1, 2)
     tasks.fail.delay("nope")
     log = burst(tmp_path, tasks_path, "--workers", "2", "--queues", "default,other")
-    assert f"broker:  sqlite:///{tmp_path / 'queue.db'}" in log
+    assert f"broker:  {mask_url(queue_url(tmp_path))}" in log
     assert "workers: 2" in log and "queues:  default, other" in log
     assert "tasks:   add, fail" in log
     assert f"add[{ok.id}] SUCCESS in" in log

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_workers_harness import alive, burst, load_tasks, wait_until, write_tasks
+from test_workers_harness import alive, burst, load_tasks, queue_rows, wait_until, write_tasks
 
 from workers import states
 from workers.errors import SoftTimeLimitExceeded, TimeLimitExceeded
 
-pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
+pytest_plugins = ["test_workers_harness"]  # the run_workers and any_broker fixtures
+pytestmark = pytest.mark.usefixtures("any_broker")  # every test, on every broker
 
 TASKS = """
 import os, time
@@ -91,8 +91,7 @@ def executions(path: Path) -> list[tuple[int, int]]:
 
 
 def state_counts(tmp_path: Path) -> dict[str, int]:
-    with sqlite3.connect(tmp_path / "queue.db") as con:
-        return dict(con.execute("SELECT state, count(*) FROM forksafe_jobs GROUP BY state"))
+    return dict(queue_rows(tmp_path, "SELECT state, count(*) FROM forksafe_jobs GROUP BY state"))
 
 
 @pytest.mark.timeout(120)
