@@ -21,6 +21,7 @@ from test_integration_support import (
     running,
     server_sessions,
     uwsgi_binary,
+    uwsgi_env,
     wait_until,
 )
 
@@ -34,7 +35,7 @@ SITE = ROOT / "examples" / "django_site"
 def start_django_uwsgi(binary: Path, db: Any, tmp_path: Path, hook: bool = True) -> Any:
     port = free_port()
     argv = [str(binary), "--ini", str(ROOT / "uwsgi.ini"), "--wsgi-file", str(SITE / "wsgi.py")]
-    env = {"FORKSAFE_APP_DSN": db.dsn, "FORKSAFE_HTTP": f"127.0.0.1:{port}"}
+    env = {**uwsgi_env(), "FORKSAFE_APP_DSN": db.dsn, "FORKSAFE_HTTP": f"127.0.0.1:{port}"}
     if not hook:
         env["FORKSAFE_APP_HOOK"] = "0"
     return running(argv, env, tmp_path / "uwsgi.log", f"http://127.0.0.1:{port}")

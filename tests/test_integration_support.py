@@ -47,11 +47,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 # --- the uWSGI binary -----------------------------------------------------------------------
 
 
-def find_uwsgi() -> Path:
+def find_uwsgi(bindir: Path | None = None) -> Path:
     """The ``uwsgi`` binary: the venv's (``pip install -e '.[test]'`` installs it), else one
     built once into a shared cache directory, under a file lock so xdist workers build it once.
-    Building compiles uWSGI (about two minutes)."""
-    beside = Path(sys.executable).parent / "uwsgi"
+    Building compiles uWSGI (about two minutes). ``FORKSAFE_TEST_UWSGI`` names another binary."""
+    named = os.environ.get("FORKSAFE_TEST_UWSGI")
+    if named:
+        return Path(named)
+    beside = (bindir or Path(sys.executable).parent) / "uwsgi"
     if beside.exists():
         return beside
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "forksafe-tests"
@@ -68,6 +71,8 @@ def find_uwsgi() -> Path:
                     "pip",
                     "install",
                     "--quiet",
+                    "--ignore-installed",
+                    "--no-deps",
                     "--prefix",
                     str(prefix),
                     f"uwsgi=={UWSGI_VERSION}",
@@ -75,7 +80,15 @@ def find_uwsgi() -> Path:
                 check=True,
                 timeout=900,
             )
+    if not binary.exists():
+        raise FileNotFoundError(f"pip installed uwsgi {UWSGI_VERSION}, but not at {binary}")
     return binary
+
+
+def uwsgi_env() -> dict[str, str]:
+    """Environment for a test's uWSGI: its Python home is this interpreter's (a binary from
+    the cache directory would not find the venv's packages on its own)."""
+    return {"UWSGI_HOME": sys.prefix}
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from test_integration_support import (
     running,
     server_sessions,
     uwsgi_binary,
+    uwsgi_env,
     wait_until,
 )
 
@@ -55,6 +56,7 @@ def start_uwsgi(
     return running(
         [str(binary), "--ini", str(ROOT / "uwsgi.ini"), *(extra or [])],
         {
+            **uwsgi_env(),
             "FORKSAFE_APP_DSN": db.dsn,
             "FORKSAFE_HTTP": f"127.0.0.1:{port}",
             "FORKSAFE_MAX_REQUESTS": str(max_requests),
