@@ -31,7 +31,7 @@ from typing import Any
 from workers import states
 from workers.app import App
 from workers.brokers.base import DEFAULT_URL, Broker, JobRecord, create_broker
-from workers.errors import CrashLoopError, WorkersError
+from workers.errors import BrokerError, CrashLoopError, WorkersError
 from workers.loader import load_app
 from workers.supervisor import Supervisor, SupervisorConfig
 from workers.worker import WorkerConfig
@@ -154,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs a worker claims at once (default 10)",
     )
     run.add_argument("--burst", action="store_true", help="drain the queue, then exit 0")
+    run.add_argument(
+        "--hostname",
+        default=None,
+        help="the name workers report and put in their ids (default: this machine's)",
+    )
+    run.add_argument(
+        "--db-connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="most connections the supervisor and all its workers together open to the "
+        "broker database (the supervisor takes 1, each worker an equal share of the rest)",
+    )
     _add_log_options(run)
 
     submit = commands.add_parser("submit", help="submit one job")
@@ -243,7 +256,11 @@ def _load(target: str, broker: str | None) -> App:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.hostname:
+        os.environ["FORKSAFE_HOSTNAME"] = args.hostname
     app = _load(args.target, args.broker)
+    if args.db_connections is not None:
+        _limit_connections(app, args.db_connections, args.workers)
     config = SupervisorConfig(
         target=args.target,
         workers=args.workers,
@@ -257,6 +274,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         ),
     )
     return Supervisor(app, config).run()
+
+
+def _limit_connections(app: App, budget: int, workers: int) -> None:
+    """Split ``--db-connections`` between the supervisor (1) and its workers."""
+    limit = getattr(app.broker, "limit_connections", None)
+    if limit is None:
+        log.warning("--db-connections has no effect on the %s broker", app.broker.url.scheme)
+        return
+    per_worker = (budget - 1) // workers
+    if per_worker < 1:
+        raise BrokerError(
+            f"--db-connections {budget} cannot give the supervisor and {workers} workers one "
+            f"connection each; raise it to at least {workers + 1} or use fewer --workers"
+        )
+    limit(1, per_worker, budget)
+    log.info(
+        "db connections: at most %d (supervisor 1, %d per worker)",
+        1 + per_worker * workers,
+        per_worker,
+    )
 
 
 def _parse_value(text: str) -> Any:

@@ -143,9 +143,15 @@ class WorkerConfig:
     idle_wait: float = 0.25
 
 
+def hostname() -> str:
+    """This machine's name as workers report it: ``FORKSAFE_HOSTNAME`` (``forksafe run
+    --hostname``), else the system's host name."""
+    return os.environ.get("FORKSAFE_HOSTNAME") or socket.gethostname()
+
+
 def worker_id(pid: int, nonce: str) -> str:
     """The id under which a worker holds leases: ``host:pid:nonce``."""
-    return f"{socket.gethostname()}:{pid}:{nonce}"
+    return f"{hostname()}:{pid}:{nonce}"
 
 
 def rss_mib() -> float:
@@ -431,7 +437,7 @@ class Worker:
                     stats[name] = {"error": repr(exc)}
         return WorkerInfo(
             id=self.id,
-            hostname=socket.gethostname(),
+            hostname=hostname(),
             pid=self.pid,
             supervisor_pid=self.supervisor_pid,
             queues=self.config.queues,
