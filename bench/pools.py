@@ -1,0 +1,1192 @@
+"""Pool benchmark: forksafe against DBUtils, SQLAlchemy and psycopg_pool, in one run.
+
+    python bench/pools.py [--quick] [--backend fake|pg|mysql|all] [--repeats 3] [--budget 0.3]
+
+One *cycle* is what an application does per request: check out a connection, open a
+cursor, ``execute("SELECT 1")``, ``fetchone()``, close the cursor, give the connection
+back. Each contender runs it with 1 thread and with 8 threads sharing a pool capped at 4
+connections (contenders that cannot cap are marked). Backends:
+
+* ``fake``   a zero-I/O DB-API 2 driver defined here: pure pool overhead.
+* ``pg``     PostgreSQL through psycopg2 (psycopg 3 for psycopg_pool and its raw floor).
+* ``mysql``  MariaDB/MySQL through PyMySQL.
+
+Every measurement is repeated 3 times (``--repeats``) for ``--budget`` seconds (0.3;
+0.02 with ``--quick``); the best is reported and the median printed next to it. The
+contenders of one driver and thread count are set up together and their repetitions
+interleave, so a burst of load on the machine is shared out. Per contender: wall time
+per cycle, client CPU per cycle (``time.process_time``; with 8 threads the whole
+process), queries per second, connections opened, and the server sessions seen while
+the run was in flight, plus ratios against a reference (DBUtils PooledDB on ``fake``,
+the raw reused connection on real servers) and against the best peer pool. A second
+part times ``fork()`` with 10 warmed forksafe pools of 10 connections each against a
+fork without pools (and forksafe's fork hooks on their own), and a child's first
+checkout.
+
+Prints a table, PASS/FAIL lines for the targets (ratios within this run, never absolute
+numbers), then one line ``JSON {...}`` with every number. A backend whose server is
+unreachable is skipped with a note. Servers: ``FORKSAFE_BENCH_PG`` (a libpq conninfo,
+default ``host=127.0.0.1 port=5432 user=root dbname=test``) and ``FORKSAFE_BENCH_MYSQL``
+(``host:port/db``, user root, default ``127.0.0.1:3306/test``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import gc
+import json
+import logging
+import os
+import platform
+import signal
+import statistics
+import sys
+import threading
+import time
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Run as a script, this directory comes first on sys.path, and bench/queue.py would shadow
+# the standard library's queue module (which psycopg imports).
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+# Timestamps taken in a forked child before and after forksafe's after-fork hook: this one
+# is registered before forksafe is imported (it is imported lazily below), so it runs first.
+_CHILD_MARKS: list[int] = []
+os.register_at_fork(after_in_child=lambda: _CHILD_MARKS.append(time.perf_counter_ns()))
+
+SQL = "SELECT 1"
+THREAD_MODES = (1, 8)
+CAP = 4  # connections a capped pool may hold with 8 threads
+REPEATS = 3
+
+Cycle = Callable[[], None]
+Factory = Callable[["Driver", dict[str, Any], int], tuple[Cycle, Cycle]]
+
+
+# -- the fake driver ----------------------------------------------------------------
+
+
+class FakeCursor:
+    def execute(self, operation: str, parameters: Any = None) -> None:
+        return None
+
+    def fetchone(self) -> tuple[int]:
+        return (1,)
+
+    def close(self) -> None:
+        return None
+
+
+class FakeConnection:
+    """Does nothing; no ``in_transaction`` attribute, so no pool can skip the rollback."""
+
+    def __init__(self, live: Callable[[str, int], None], database: str) -> None:
+        self._live = live
+        self._database = database
+        self._open = True
+        live(database, 1)
+
+    def cursor(self) -> FakeCursor:
+        return FakeCursor()
+
+    def commit(self) -> None:
+        return None
+
+    def rollback(self) -> None:
+        return None
+
+    def ping(self, reconnect: bool = False) -> bool:
+        return True  # PyMySQL's signature: pools call ping(False) first
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._live(self._database, -1)
+
+
+def make_fake_module() -> types.ModuleType:
+    """A module-like DB-API 2 driver whose connections count themselves while open."""
+    mod = types.ModuleType("fakedb")
+    mod.apilevel = "2.0"
+    mod.threadsafety = 1
+    mod.paramstyle = "qmark"
+
+    class Error(Exception):
+        pass
+
+    class DatabaseError(Error):
+        pass
+
+    errors = {
+        "Warning": type("Warning", (Exception,), {}),
+        "Error": Error,
+        "InterfaceError": type("InterfaceError", (Error,), {}),
+        "DatabaseError": DatabaseError,
+    }
+    for name in (
+        "DataError",
+        "OperationalError",
+        "IntegrityError",
+        "InternalError",
+        "ProgrammingError",
+        "NotSupportedError",
+    ):
+        errors[name] = type(name, (DatabaseError,), {})
+    vars(mod).update(errors)
+    lock = threading.Lock()
+    mod.live = {}  # database -> connections open
+
+    def live(database: str, delta: int) -> None:
+        with lock:
+            mod.live[database] = mod.live.get(database, 0) + delta
+
+    def connect(database: str = "", **kwargs: Any) -> FakeConnection:
+        return FakeConnection(live, database)
+
+    mod.connect = connect
+    return mod
+
+
+# -- counting connects ----------------------------------------------------------------
+
+
+class Driver(types.ModuleType):
+    """A DB-API 2 module that counts ``connect()`` calls; everything else is the driver's.
+
+    Pools get this instead of the driver module, so nothing in the cycle is wrapped.
+    """
+
+    def __init__(self, module: types.ModuleType, on_connect: Callable[[Any], None]) -> None:
+        super().__init__(module.__name__)
+        for name, value in vars(module).items():
+            if not name.startswith("__") and name != "connect":
+                setattr(self, name, value)
+        self._connect = module.connect
+        self._on_connect = on_connect
+        self.opened: list[None] = []  # list.append is atomic: safe from many threads
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        con = self._connect(*args, **kwargs)
+        self.opened.append(None)
+        self._on_connect(con)
+        return con
+
+
+# -- contenders -----------------------------------------------------------------------
+
+
+def raw(drv: Driver, kw: dict[str, Any], threads: int) -> tuple[Cycle, Cycle]:
+    """One reused connection (one per thread with 8 threads), rolled back after each query."""
+    if threads == 1:
+        con = drv.connect(**kw)
+
+        def cycle() -> None:
+            cur = con.cursor()
+            cur.execute(SQL)
+            cur.fetchone()
+            cur.close()
+            con.rollback()
+
+        return cycle, con.close
+    local = threading.local()
+    cons: list[Any] = []
+
+    def cycle_local() -> None:
+        try:
+            con = local.con
+        except AttributeError:
+            con = local.con = drv.connect(**kw)
+            cons.append(con)
+        cur = con.cursor()
+        cur.execute(SQL)
+        cur.fetchone()
+        cur.close()
+        con.rollback()
+
+    def close_all() -> None:
+        for con in cons:
+            con.close()
+
+    return cycle_local, close_all
+
+
+def connect_per_query(drv: Driver, kw: dict[str, Any], threads: int) -> tuple[Cycle, Cycle]:
+    def cycle() -> None:
+        con = drv.connect(**kw)
+        cur = con.cursor()
+        cur.execute(SQL)
+        cur.fetchone()
+        cur.close()
+        con.close()
+
+    return cycle, lambda: None
+
+
+def pooled(cls: Any, **options: Any) -> Factory:
+    """DBUtils-style PooledDB (DBUtils' or forksafe's): ``connection()`` / ``close()``."""
+
+    def factory(drv: Driver, kw: dict[str, Any], threads: int) -> tuple[Cycle, Cycle]:
+        pool = cls(drv, maxconnections=CAP, blocking=True, **options, **kw)
+
+        def cycle() -> None:
+            con = pool.connection()
+            cur = con.cursor()
+            cur.execute(SQL)
+            cur.fetchone()
+            cur.close()
+            con.close()
+
+        return cycle, pool.close
+
+    return factory
+
+
+def persistent(cls: Any, explicit_rollback: bool, **options: Any) -> Factory:
+    """DBUtils-style PersistentDB: one connection per thread; cannot cap."""
+
+    def factory(drv: Driver, kw: dict[str, Any], threads: int) -> tuple[Cycle, Cycle]:
+        pool = cls(drv, **options, **kw)
+
+        def cycle() -> None:
+            con = pool.connection()
+            cur = con.cursor()
+            cur.execute(SQL)
+            cur.fetchone()
+            cur.close()
+            if explicit_rollback:
+                con.rollback()
+            con.close()
+
+        def close_all() -> None:
+            # Threads of a crew are gone (their connections closed with them); the main
+            # thread's connection is not closeable through close(): use the steady close.
+            if threads == 1:
+                pool.connection()._close()
+
+        return cycle, close_all
+
+    return factory
+
+
+def queue_pool(drv: Driver, kw: dict[str, Any], threads: int) -> tuple[Cycle, Cycle]:
+    from sqlalchemy.pool import QueuePool
+
+    pool = QueuePool(lambda: drv.connect(**kw), pool_size=CAP, max_overflow=0)
+
+    def cycle() -> None:
+        con = pool.connect()
+        cur = con.cursor()
+        cur.execute(SQL)
+        cur.fetchone()
+        cur.close()
+        con.close()
+
+    return cycle, pool.dispose
+
+
+def psycopg_pool_factory(drv: Driver, kw: dict[str, Any], threads: int) -> tuple[Cycle, Cycle]:
+    from psycopg_pool import ConnectionPool
+
+    pool = ConnectionPool(
+        "",
+        kwargs=kw,
+        min_size=CAP,
+        max_size=CAP,
+        open=True,
+        configure=lambda con: drv.opened.append(None),
+    )
+    pool.wait()
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
+    def cycle() -> None:
+        con = pool.getconn()
+        cur = con.cursor()
+        cur.execute(SQL)
+        cur.fetchone()
+        cur.close()
+        con.rollback()  # putconn would too, but logs a warning for every such return
+        pool.putconn(con)
+
+    return cycle, pool.close
+
+
+@dataclass
+class Contender:
+    name: str
+    factory: Factory
+    driver: str  # key into the backend's drivers
+    ref: str  # name of the contender this one is compared with (same thread count)
+    caps: bool = True  # holds at most CAP connections with 8 threads
+    peer: bool = False  # a third-party capped pool: candidate for "best peer"
+    forksafe: bool = False
+
+
+def contenders(backend: str) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders for ``backend`` and the footnotes saying what each does."""
+    from dbutils.persistent_db import PersistentDB as DBUtilsPersistentDB
+    from dbutils.pooled_db import PooledDB as DBUtilsPooledDB
+
+    from forksafe import PersistentDB, PooledDB
+
+    main = {"fake": "fakedb", "pg": "psycopg2", "mysql": "pymysql"}[backend]
+    ref = "DBUtils PooledDB" if backend == "fake" else "raw"
+    rows = [
+        Contender("raw", raw, main, ref, caps=False),
+        Contender("connect-per-query", connect_per_query, main, ref, caps=False),
+        Contender("DBUtils PooledDB", pooled(DBUtilsPooledDB), main, ref, peer=True),
+        Contender(
+            "DBUtils PersistentDB",
+            persistent(DBUtilsPersistentDB, explicit_rollback=True),
+            main,
+            ref,
+            caps=False,
+        ),
+        Contender("SQLAlchemy QueuePool", queue_pool, main, ref, peer=True),
+        Contender("forksafe PooledDB", pooled(PooledDB), main, ref, forksafe=True),
+        Contender(
+            "forksafe PersistentDB",
+            persistent(PersistentDB, explicit_rollback=False),
+            main,
+            ref,
+            caps=False,
+            forksafe=True,
+        ),
+    ]
+    if backend == "pg":
+        rows += [
+            Contender("raw (psycopg 3)", raw, "psycopg", "raw (psycopg 3)", caps=False),
+            Contender(
+                "psycopg_pool", psycopg_pool_factory, "psycopg", "raw (psycopg 3)", peer=True
+            ),
+            Contender(
+                "forksafe PooledDB (psycopg 3)",
+                pooled(PooledDB),
+                "psycopg",
+                "raw (psycopg 3)",
+                forksafe=True,
+            ),
+        ]
+    if backend == "mysql":
+        rows += [
+            Contender("DBUtils PooledDB ping=0", pooled(DBUtilsPooledDB, ping=0), main, ref),
+            Contender(
+                "forksafe PooledDB ping=0",
+                pooled(PooledDB, ping=0),
+                main,
+                ref,
+                forksafe=True,
+            ),
+        ]
+    rollback = {
+        "fake": "a no-op",
+        "pg": "a round trip (the SELECT opened a transaction: autocommit is off)",
+        "mysql": "a round trip (autocommit off; PyMySQL cannot report whether a transaction"
+        " is open, so nobody skips it)",
+    }[backend]
+    ping = {
+        "fake": "ping() at checkout is a no-op call",
+        "pg": "psycopg2/psycopg have no ping(): DBUtils and forksafe drop the ping=1 check",
+        "mysql": "ping=1 is a COM_PING round trip at every checkout",
+    }[backend]
+    notes = {
+        "raw": "one driver connection reused, no pool; cycle ends with rollback(), "
+        + rollback
+        + ". 8 threads: one connection per thread (cannot cap: 8 sessions).",
+        "connect-per-query": "connect, query, close(); no rollback (close ends the session)."
+        " Cannot cap."
+        + (" PyMySQL builds an SSL context per connect." if backend == "mysql" else ""),
+        "DBUtils PooledDB": "maxconnections=4, blocking=True, reset=True (rollback on every"
+        " return), ping=1 (" + ping + ").",
+        "DBUtils PersistentDB": "one connection per thread (cannot cap); its close() does not"
+        " roll back unless begin() was called, so the cycle calls rollback() before close().",
+        "SQLAlchemy QueuePool": "pool_size=4, max_overflow=0; reset-on-return rollback;"
+        " no ping (pre_ping is off by default).",
+        "forksafe PooledDB": "maxconnections=4, blocking=True, reset=True, ping=1 ("
+        + ping
+        + "); the rollback on return is skipped only when the driver reports no open"
+        " transaction"
+        + (" (never here: the fake driver cannot tell)." if backend == "fake" else "."),
+        "forksafe PersistentDB": "one connection per thread (cannot cap); close() rolls back"
+        " when the driver reports a transaction open or cannot tell, so no explicit rollback.",
+    }
+    if backend == "pg":
+        notes.update(
+            {
+                "raw (psycopg 3)": "as raw, on psycopg 3 (autocommit off, rollback each cycle).",
+                "psycopg_pool": "ConnectionPool min_size=max_size=4, getconn()/putconn(); the"
+                " cycle calls rollback() before putconn() (putconn would roll back too, but"
+                " logs a warning per return); no check at getconn.",
+                "forksafe PooledDB (psycopg 3)": "forksafe PooledDB as above, on psycopg 3.",
+            }
+        )
+    if backend == "mysql":
+        notes.update(
+            {
+                "DBUtils PooledDB ping=0": "as DBUtils PooledDB, no ping at checkout.",
+                "forksafe PooledDB ping=0": "as forksafe PooledDB, no ping at checkout.",
+            }
+        )
+    return rows, notes
+
+
+# -- backends -------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    name: str
+    drivers: dict[str, types.ModuleType]
+    connect_kwargs: Callable[[str, str], dict[str, Any]]  # (driver, tag) -> kwargs
+    sessions: Callable[[str], int]  # tag -> server sessions open now
+    on_connect: Callable[[str], Callable[[Any], None]]  # tag -> hook run on each connect
+    close: Cycle = lambda: None
+    note: str = ""
+
+
+def fake_backend() -> Backend:
+    fake = make_fake_module()
+    return Backend(
+        "fake",
+        {"fakedb": fake},
+        lambda driver, tag: {"database": tag},
+        lambda tag: int(fake.live.get(tag, 0)),
+        lambda tag: lambda con: None,
+        note="zero-I/O driver defined in bench/pools.py; sessions = fake connections open",
+    )
+
+
+def pg_backend() -> Backend:
+    import psycopg2
+
+    conninfo = os.environ.get("FORKSAFE_BENCH_PG", "host=127.0.0.1 port=5432 user=root dbname=test")
+    params = dict(item.split("=", 1) for item in conninfo.split())
+    params["connect_timeout"] = "3"
+    monitor = psycopg2.connect(**params)
+    monitor.autocommit = True
+    drivers: dict[str, types.ModuleType] = {"psycopg2": psycopg2}
+    try:
+        import psycopg
+
+        drivers["psycopg"] = psycopg
+    except ImportError:
+        pass
+
+    def sessions(tag: str) -> int:
+        with monitor.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [tag])
+            return int(cur.fetchone()[0])
+
+    return Backend(
+        "pg",
+        drivers,
+        lambda driver, tag: {**params, "application_name": tag},
+        sessions,
+        lambda tag: lambda con: None,
+        close=monitor.close,
+        note="sessions = pg_stat_activity rows with this contender's application_name",
+    )
+
+
+def mysql_backend() -> Backend:
+    import pymysql
+
+    address = os.environ.get("FORKSAFE_BENCH_MYSQL", "127.0.0.1:3306/test")
+    hostport, _, database = address.partition("/")
+    host, _, port = hostport.partition(":")
+    params = {
+        "host": host,
+        "port": int(port or 3306),
+        "user": "root",
+        "database": database or "test",
+        "connect_timeout": 3,
+    }
+    monitor = pymysql.connect(**params, autocommit=True)
+    ports: dict[str, set[int]] = {}
+
+    def on_connect(tag: str) -> Callable[[Any], None]:
+        seen = ports.setdefault(tag, set())
+        return lambda con: seen.add(con._sock.getsockname()[1])
+
+    def sessions(tag: str) -> int:
+        seen = ports.get(tag, set())
+        with monitor.cursor() as cur:
+            cur.execute("SELECT host FROM information_schema.processlist")
+            hosts = [row[0] or "" for row in cur.fetchall()]
+        return sum(
+            1 for h in hosts if h.rpartition(":")[2].isdigit() and int(h.rpartition(":")[2]) in seen
+        )
+
+    return Backend(
+        "mysql",
+        {"pymysql": pymysql},
+        lambda driver, tag: dict(params),
+        sessions,
+        on_connect,
+        close=monitor.close,
+        note="sessions = processlist rows whose client port belongs to this contender",
+    )
+
+
+# -- running --------------------------------------------------------------------------
+
+
+class Crew:
+    """``threads`` long-lived threads that run a cycle ``n`` times each, on demand.
+
+    Long-lived so that per-thread connections (PersistentDB, raw) survive between runs.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.start = threading.Barrier(threads + 1)
+        self.done = threading.Barrier(threads + 1)
+        self.job: Cycle | None = None
+        self.n = 0
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            self.start.wait()
+            job, n = self.job, self.n
+            if job is None:
+                return
+            try:
+                for _ in range(n):
+                    job()
+            except BaseException as exc:
+                self.errors.append(exc)
+            self.done.wait()
+
+    def run(self, job: Cycle, n: int) -> tuple[int, int]:
+        """Run ``job`` ``n`` times in every thread; (wall ns, process CPU ns)."""
+        self.job, self.n = job, n
+        cpu = time.process_time_ns()
+        wall = time.perf_counter_ns()
+        self.start.wait()
+        self.done.wait()
+        wall = time.perf_counter_ns() - wall
+        cpu = time.process_time_ns() - cpu
+        if self.errors:
+            raise self.errors[0]
+        return wall, cpu
+
+    def stop(self) -> None:
+        self.job = None
+        self.start.wait()
+        for thread in self.threads:
+            thread.join()
+
+
+def run_alone(job: Cycle, n: int) -> tuple[int, int]:
+    cpu = time.process_time_ns()
+    wall = time.perf_counter_ns()
+    for _ in range(n):
+        job()
+    wall = time.perf_counter_ns() - wall
+    cpu = time.process_time_ns() - cpu
+    return wall, cpu
+
+
+@dataclass
+class Result:
+    backend: str
+    threads: int
+    contender: str
+    ns_best: float = 0.0
+    ns_median: float = 0.0
+    cpu_ns: float = 0.0
+    qps: float = 0.0
+    cycles: int = 0
+    opened: int = 0
+    sessions: int = 0
+    caps: bool = True
+    vs_ref: float | None = None  # fake: ns / ref ns; real: qps / ref qps
+    vs_peer: float | None = None  # qps / best peer qps (8 threads)
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trial:
+    """One contender at one thread count: set up and calibrated, then run on demand.
+
+    The trials of one driver and thread count are alive together and their repetitions
+    interleave, so a burst of load on the machine does not land on one contender only.
+    """
+
+    def __init__(
+        self, backend: Backend, contender: Contender, threads: int, budget: float, tag: str
+    ) -> None:
+        self.backend, self.threads, self.budget, self.tag = backend, threads, budget, tag
+        self.result = Result(backend.name, threads, contender.name, caps=contender.caps)
+        self.samples: list[tuple[int, int]] = []
+        self.sampled: list[int] = []
+        self.crew: Crew | None = None
+        self.teardown: Cycle = lambda: None
+        self.n = 0
+        module = backend.drivers.get(contender.driver)
+        if module is None:
+            self.result.error = f"{contender.driver} is not installed"
+            return
+        self.drv = Driver(module, backend.on_connect(tag))
+        kw = backend.connect_kwargs(contender.driver, tag)
+        try:
+            self.crew = Crew(threads) if threads > 1 else None
+            self.cycle, self.teardown = contender.factory(self.drv, kw, threads)
+            # Calibrate (and warm up): grow n until one run takes a tenth of the budget.
+            n = 1
+            while True:
+                wall, _ = self._run(n)
+                if wall >= budget * 1e9 / 10 or n >= 1 << 22:
+                    break
+                n *= 4
+            self.n = max(1, round(n * budget * 1e9 / max(wall, 1)))
+        except Exception as exc:  # a contender that breaks is reported, not fatal
+            self.fail(exc)
+
+    def _run(self, n: int) -> tuple[int, int]:
+        return self.crew.run(self.cycle, n) if self.crew else run_alone(self.cycle, n)
+
+    def fail(self, exc: Exception) -> None:
+        self.result.error = f"{type(exc).__name__}: {exc}"
+        self.close()
+
+    def repeat(self, last: bool) -> None:
+        if self.result.error:
+            return
+        sampler = None
+        if last:  # count server sessions while the last run is in flight
+            tag, sessions = self.tag, self.backend.sessions
+            sampler = threading.Timer(self.budget / 2, lambda: self.sampled.append(sessions(tag)))
+            sampler.start()
+        try:
+            self.samples.append(self._run(self.n))
+        except Exception as exc:
+            self.fail(exc)
+        if sampler is not None:
+            sampler.join()
+
+    def finish(self) -> Result:
+        result = self.result
+        if not result.error:
+            cycles = self.n * self.threads
+            best_wall, best_cpu = min(self.samples)
+            result.ns_best = best_wall / cycles
+            result.ns_median = statistics.median(wall for wall, _ in self.samples) / cycles
+            result.cpu_ns = best_cpu / cycles
+            result.qps = cycles * 1e9 / best_wall
+            result.cycles = cycles
+            result.opened = len(self.drv.opened)
+            try:
+                result.sessions = max([*self.sampled, self.backend.sessions(self.tag)])
+            except Exception as exc:
+                result.error = f"counting sessions: {type(exc).__name__}: {exc}"
+        self.close()
+        return result
+
+    def close(self) -> None:
+        if self.crew is not None:
+            self.crew.stop()
+            self.crew = None
+        with contextlib.suppress(Exception):
+            self.teardown()
+        self.teardown = lambda: None
+
+
+def measure_group(
+    backend: Backend, group: list[tuple[int, Contender]], threads: int, budget: float
+) -> list[Result]:
+    """Run the contenders of ``group`` (index, contender) with interleaved repetitions."""
+    trials = [
+        Trial(backend, contender, threads, budget, f"fsbench_{index}_{threads}_{os.getpid()}")
+        for index, contender in group
+    ]
+    for repeat in range(REPEATS):
+        # Rotate the order so that no contender always runs first or last.
+        shift = repeat % len(trials)
+        for trial in trials[shift:] + trials[:shift]:
+            trial.repeat(last=repeat == REPEATS - 1)
+    results = [trial.finish() for trial in trials]
+    gc.collect()
+    return results
+
+
+def add_ratios(results: list[Result], rows: list[Contender], backend: str) -> None:
+    by_name = {(r.contender, r.threads): r for r in results if not r.error}
+    for contender in rows:
+        for threads in THREAD_MODES:
+            result = by_name.get((contender.name, threads))
+            ref = by_name.get((contender.ref, threads))
+            if result is None or ref is None:
+                continue
+            if backend == "fake":
+                result.vs_ref = result.ns_best / ref.ns_best
+            else:
+                result.vs_ref = result.qps / ref.qps
+    for threads in THREAD_MODES:
+        peers = [by_name.get((c.name, threads)) for c in rows if c.peer]
+        best = max((p for p in peers if p is not None), key=lambda p: p.qps, default=None)
+        if best is None:
+            continue
+        for result in results:
+            if result.threads == threads and not result.error:
+                result.vs_peer = result.qps / best.qps
+                result.extra["best_peer"] = best.contender
+
+
+def format_time(ns: float) -> str:
+    return f"{ns:,.0f} ns" if ns < 10_000 else f"{ns / 1000:,.1f} us"
+
+
+def print_table(backend: Backend, results: list[Result], notes: dict[str, str]) -> None:
+    ref_label = "ns/ref" if backend.name == "fake" else "qps/ref"
+    print(f"\n### {backend.name}: {backend.note}")
+    header = (
+        f"{'threads':>7}  {'contender':<30} {'per cycle':>11} {'median':>11} {'cpu/cycle':>11}"
+        f" {'qps':>10} {'opened':>7} {'sessions':>8} {ref_label:>7} {'qps/peer':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        name = r.contender + ("" if r.caps or r.threads == 1 else " *")
+        if r.error:
+            print(f"{r.threads:>7}  {name:<30} skipped: {r.error}")
+            continue
+        vs_ref = "" if r.vs_ref is None else f"{r.vs_ref:.2f}x"
+        vs_peer = "" if r.vs_peer is None or r.threads == 1 else f"{r.vs_peer:.2f}x"
+        print(
+            f"{r.threads:>7}  {name:<30} {format_time(r.ns_best):>11}"
+            f" {format_time(r.ns_median):>11} {format_time(r.cpu_ns):>11} {r.qps:>10,.0f}"
+            f" {r.opened:>7} {r.sessions:>8} {vs_ref:>7} {vs_peer:>8}"
+        )
+    print("  * cannot cap at 4 connections with 8 threads")
+    for name, note in notes.items():
+        print(f"  {name}: {note}")
+
+
+def run_backend(name: str, budget: float, all_results: list[Result]) -> dict[str, Any]:
+    makers = {"fake": fake_backend, "pg": pg_backend, "mysql": mysql_backend}
+    try:
+        backend = makers[name]()
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}".strip()
+        print(f"\n### {name}: skipped, server or driver unavailable ({message})")
+        return {"backend": name, "skipped": message}
+    try:
+        rows, notes = contenders(name)
+        results = []
+        # One group per driver, so that not too many server sessions are open at once.
+        drivers = sorted({c.driver for c in rows}, key=[c.driver for c in rows].index)
+        for threads in THREAD_MODES:
+            for driver in drivers:
+                group = [(i, c) for i, c in enumerate(rows) if c.driver == driver]
+                results += measure_group(backend, group, threads, budget)
+        add_ratios(results, rows, name)
+        print_table(backend, results, notes)
+        all_results.extend(results)
+        return {"backend": name, "notes": notes}
+    finally:
+        backend.close()
+
+
+# -- fork -----------------------------------------------------------------------------
+
+
+#: Children that did not exit within CHILD_TIMEOUT: killed with SIGABRT, so that
+#: faulthandler (enabled before forking) prints where they were stuck.
+HUNG: list[str] = []
+CHILD_TIMEOUT = 10.0
+
+
+class _ChildTimeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _ChildTimeout
+
+
+def reap(pid: int, what: str) -> bool:
+    """Wait for child ``pid``; if it hangs, abort it (traceback on stderr). True if it exited."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, CHILD_TIMEOUT)
+    try:
+        os.waitpid(pid, 0)
+        return True
+    except _ChildTimeout:
+        HUNG.append(what)
+        print(f"child {pid} ({what}) hung after fork; aborting it", file=sys.stderr)
+        os.kill(pid, signal.SIGABRT)
+        os.waitpid(pid, 0)
+        return False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def median(values: Any) -> float:
+    values = list(values)
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def child_reports(child: Callable[[], str], what: str) -> str | None:
+    """Fork; the child runs ``child`` and sends back its text; None if it hung."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.write(write_end, child().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    exited = reap(pid, what)
+    with os.fdopen(read_end) as reader:
+        data = reader.read()
+    return data if exited and data else None
+
+
+def time_forks(count: int) -> list[int]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter_ns()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        if reap(pid, "fork + os._exit"):
+            times.append(time.perf_counter_ns() - start)
+    return times
+
+
+def child_checkouts(pool: Any, count: int) -> list[tuple[int, int]]:
+    """In ``count`` forked children: ns of the first and of the second checkout."""
+
+    def child() -> str:
+        start = time.perf_counter_ns()
+        pool.connection().close()
+        first = time.perf_counter_ns() - start
+        start = time.perf_counter_ns()
+        pool.connection().close()
+        second = time.perf_counter_ns() - start
+        return f"{first} {second}"
+
+    samples = []
+    for _ in range(count):
+        data = child_reports(child, "checkouts")
+        if data:
+            first, second = (int(x) for x in data.split())
+            samples.append((first, second))
+    return samples
+
+
+def build_pools(fake: types.ModuleType) -> list[Any]:
+    from forksafe import PooledDB
+
+    # Distinct connect kwargs: pools with identical arguments would share idle connections.
+    pools = [PooledDB(fake, mincached=10, database=f"db{i}") for i in range(10)]
+    for pool in pools:
+        pool.warm()
+    return pools
+
+
+def time_hooks(count: int) -> list[int]:
+    """ns of the parent-side fork hooks alone (prepare + after_in_parent), no fork."""
+    from forksafe import fork
+
+    times = []
+    for _ in range(count):
+        start = time.perf_counter_ns()
+        fork._prepare()
+        fork._after_in_parent()
+        times.append(time.perf_counter_ns() - start)
+    return times
+
+
+def time_child_hooks(count: int) -> list[int]:
+    """ns the child spends in forksafe's after-fork hook, between the two marks."""
+    samples = []
+    for _ in range(count):
+        data = child_reports(lambda: str(_CHILD_MARKS[-1] - _CHILD_MARKS[-2]), "hook timing")
+        if data:
+            samples.append(int(data))
+    return samples
+
+
+def measure_fork(count: int) -> dict[str, Any]:
+    """fork() + child ``os._exit(0)`` + ``waitpid`` with 10 pools x 10 idle connections.
+
+    Blocks with and without pools alternate, so load on the machine hits both alike.
+    """
+    from forksafe import ManyPoolsWarning
+
+    # This part builds the same 10 pools several times on purpose.
+    warnings.simplefilter("ignore", ManyPoolsWarning)
+    logging.getLogger("forksafe").setLevel(logging.ERROR)
+    os.register_at_fork(after_in_child=lambda: _CHILD_MARKS.append(time.perf_counter_ns()))
+    faulthandler.enable()  # inherited by children: a hung one prints its stack on SIGABRT
+    fake = make_fake_module()
+    time_forks(3)  # warm up
+    blocks = 10 if count >= 50 else 5
+    per_block = max(2, count // blocks)
+    without: list[int] = []
+    with_pools: list[int] = []
+    hooks_without: list[int] = []
+    hooks_with: list[int] = []
+    child_without: list[int] = []
+    child_with: list[int] = []
+    idle = 0
+    for _ in range(blocks):
+        gc.collect()
+        without += time_forks(per_block)
+        hooks_without += time_hooks(per_block)
+        child_without += time_child_hooks(max(1, per_block // 2))
+        pools = build_pools(fake)
+        idle = sum(pool.stats()["connections_created"] for pool in pools)
+        with_pools += time_forks(per_block)
+        hooks_with += time_hooks(per_block)
+        child_with += time_child_hooks(max(1, per_block // 2))
+        for pool in pools:
+            pool.close()
+        del pools
+    pools = build_pools(fake)
+    checkouts = child_checkouts(pools[0], max(3, count // 4))
+    for pool in pools:
+        pool.close()
+    del pools
+    gc.collect()
+    base = median(without)
+    with_median = median(with_pools)
+    return {
+        "forks": len(with_pools),
+        "pools": 10,
+        "idle_connections": idle,
+        "fork_ns_without_pools": base,
+        "fork_ns_with_pools": with_median,
+        "added_ns": with_median - base,
+        "parent_hooks_ns_without_pools": median(hooks_without),
+        "parent_hooks_ns_with_pools": median(hooks_with),
+        "child_hook_ns_without_pools": median(child_without),
+        "child_hook_ns_with_pools": median(child_with),
+        "child_first_checkout_ns": median(c[0] for c in checkouts),
+        "child_second_checkout_ns": median(c[1] for c in checkouts),
+        "hung_children": list(HUNG),
+    }
+
+
+# -- targets --------------------------------------------------------------------------
+
+
+def targets(results: list[Result], fork: dict[str, Any] | None) -> list[dict[str, Any]]:
+    by = {(r.backend, r.threads, r.contender): r for r in results if not r.error}
+    lines: list[dict[str, Any]] = []
+
+    def check(text: str, value: float | None, limit: float, below: bool, info: bool = False):
+        if value is None:
+            lines.append({"target": text, "value": None, "status": "SKIP"})
+            return
+        ok = value <= limit if below else value >= limit
+        status = ("PASS" if ok else "FAIL") if not info else "INFO"
+        lines.append({"target": text, "value": value, "status": status})
+
+    def ratio(backend: str, threads: int, a: str, b: str, field_: str) -> float | None:
+        x, y = by.get((backend, threads, a)), by.get((backend, threads, b))
+        if x is None or y is None:
+            return None
+        return float(getattr(x, field_) / getattr(y, field_))
+
+    def peer_ratio(backend: str, contender: str) -> tuple[float | None, str]:
+        r = by.get((backend, 8, contender))
+        if r is None or r.vs_peer is None:
+            return None, "?"
+        return r.vs_peer, str(r.extra.get("best_peer"))
+
+    fs, db = "forksafe PooledDB", "DBUtils PooledDB"
+    check(
+        f"fake 1 thread: {fs} ns/cycle <= 0.25x {db}",
+        ratio("fake", 1, fs, db, "ns_best"),
+        0.25,
+        True,
+    )
+    check(
+        f"fake 8 threads: {fs} ns/cycle <= 0.5x {db}",
+        ratio("fake", 8, fs, db, "ns_best"),
+        0.5,
+        True,
+    )
+    for backend, label in (("pg", "PostgreSQL/psycopg2"), ("mysql", "MariaDB/PyMySQL")):
+        check(
+            f"{label} 1 thread: {fs} qps >= 0.95x raw reused connection",
+            ratio(backend, 1, fs, "raw", "qps"),
+            0.95,
+            False,
+        )
+        value, peer = peer_ratio(backend, fs)
+        check(f"{label} 8 threads: {fs} qps >= 1.2x best peer ({peer})", value, 1.2, False)
+    check(
+        "PostgreSQL/psycopg 3 8 threads: forksafe PooledDB (psycopg 3) qps >= 1.2x best peer"
+        f" ({peer_ratio('pg', 'forksafe PooledDB (psycopg 3)')[1]}) [extra]",
+        peer_ratio("pg", "forksafe PooledDB (psycopg 3)")[0],
+        1.2,
+        False,
+        info=True,
+    )
+    check(
+        f"fake 1 thread: {fs} CPU/cycle <= 0.25x {db} [extra: CPU, less sensitive to load]",
+        ratio("fake", 1, fs, db, "cpu_ns"),
+        0.25,
+        True,
+        info=True,
+    )
+    check(
+        f"fake 8 threads: {fs} CPU/cycle <= 0.5x {db} [extra: CPU]",
+        ratio("fake", 8, fs, db, "cpu_ns"),
+        0.5,
+        True,
+        info=True,
+    )
+    fs0 = "forksafe PooledDB ping=0"
+    check(
+        f"MariaDB/PyMySQL 1 thread: {fs0} qps >= 0.95x raw [extra]",
+        ratio("mysql", 1, fs0, "raw", "qps"),
+        0.95,
+        False,
+        info=True,
+    )
+    value, peer = peer_ratio("mysql", fs0)
+    check(
+        f"MariaDB/PyMySQL 8 threads: {fs0} qps >= 1.2x best peer ({peer}) [extra]",
+        value,
+        1.2,
+        False,
+        info=True,
+    )
+    check(
+        "fork with 10 pools x 10 idle connections adds < 1 ms (ms)",
+        None if fork is None else fork["added_ns"] / 1e6,
+        1.0,
+        True,
+    )
+    check(
+        "fork: forksafe's child-side hook, with minus without pools, < 1 ms (ms) [extra]",
+        None
+        if fork is None
+        else (fork["child_hook_ns_with_pools"] - fork["child_hook_ns_without_pools"]) / 1e6,
+        1.0,
+        True,
+        info=True,
+    )
+    return lines
+
+
+def git_state() -> str:
+    """The commit measured, and whether forksafe/ had uncommitted changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "forksafe"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + (" + uncommitted forksafe/ changes" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds in total")
+    parser.add_argument("--backend", choices=("fake", "pg", "mysql", "all"), default="all")
+    parser.add_argument("--budget", type=float, help="seconds per repetition (default 0.3)")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions, best is kept")
+    args = parser.parse_args(argv)
+    budget = args.budget or (0.02 if args.quick else 0.3)
+    global REPEATS
+    REPEATS = max(1, args.repeats)
+    forks = 10 if args.quick else 100
+    names = ["fake", "pg", "mysql"] if args.backend == "all" else [args.backend]
+    import dbutils
+    import sqlalchemy
+
+    machine = {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "dbutils": dbutils.__version__,
+        "sqlalchemy": sqlalchemy.__version__,
+        "loadavg_at_start": os.getloadavg(),
+        "git": git_state(),
+    }
+    started = time.time()
+    print(
+        f"pool cycle: checkout, cursor, execute({SQL!r}), fetchone, close cursor, return;"
+        f" best of {REPEATS} x {budget:g} s; nproc {machine['nproc']},"
+        f" Python {machine['python']}; load average {machine['loadavg_at_start'][0]:.1f};"
+        f" git {machine['git']}"
+    )
+    results: list[Result] = []
+    backends = []
+    for name in names:
+        began = time.time()
+        backends.append(run_backend(name, budget, results))
+        backends[-1]["seconds"] = round(time.time() - began, 1)
+        print(f"({name}: {backends[-1]['seconds']} s)")
+    fork = None
+    if args.backend in ("fake", "all"):
+        began = time.time()
+        fork = measure_fork(forks)
+        fork["seconds"] = round(time.time() - began, 1)
+        print(
+            f"\n### fork: {fork['pools']} forksafe pools, {fork['idle_connections']} idle fake"
+            f" connections; median of {fork['forks']} x (fork + child os._exit(0) + waitpid),"
+            " alternating blocks with and without pools"
+        )
+        print(f"  without pools   {fork['fork_ns_without_pools'] / 1000:10.1f} us")
+        print(f"  with pools      {fork['fork_ns_with_pools'] / 1000:10.1f} us")
+        print(f"  added per fork  {fork['added_ns'] / 1000:10.1f} us")
+        print(
+            "  parent-side hooks alone (prepare + after_in_parent, no fork):"
+            f" {fork['parent_hooks_ns_with_pools'] / 1000:.1f} us with pools,"
+            f" {fork['parent_hooks_ns_without_pools'] / 1000:.1f} us without"
+        )
+        print(
+            "  child-side hook alone (after_in_child):"
+            f" {fork['child_hook_ns_with_pools'] / 1000:.1f} us with pools,"
+            f" {fork['child_hook_ns_without_pools'] / 1000:.1f} us without"
+        )
+        print(f"  child's first checkout  {fork['child_first_checkout_ns'] / 1000:8.1f} us")
+        if fork["hung_children"]:
+            print(f"  HUNG children (aborted, stacks on stderr): {fork['hung_children']}")
+        print(f"  child's second checkout {fork['child_second_checkout_ns'] / 1000:8.1f} us")
+    checks = targets(results, fork)
+    print("\n### targets")
+    for line in checks:
+        value = "n/a" if line["value"] is None else f"{line['value']:.3f}"
+        print(f"{line['status']}  {line['target']}: {value}")
+    print(f"\n(total {time.time() - started:.1f} s)")
+    payload = {
+        "machine": machine,
+        "budget_s": budget,
+        "repeats": REPEATS,
+        "backends": backends,
+        "results": [vars(r) for r in results],
+        "fork": fork,
+        "targets": checks,
+        "seconds": time.time() - started,
+    }
+    print("JSON " + json.dumps(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
