@@ -153,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="jobs a worker claims at once (default 10)",
     )
-    run.add_argument("--burst", action="store_true", help="drain the queue, then exit 0")
+    run.add_argument(
+        "--burst",
+        action="store_true",
+        help="run every job that is due (and its retries), then exit 0; jobs scheduled "
+        "for later stay queued",
+    )
     run.add_argument(
         "--hostname",
         default=None,

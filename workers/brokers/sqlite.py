@@ -13,6 +13,9 @@ runs in a ``BEGIN IMMEDIATE`` transaction, which takes the write lock up front s
 two claimers can never both read the same due job. Connections come from a
 forksafe ``PersistentDB`` pool (one per thread), so a broker built in the
 supervisor before ``fork()`` opens fresh connections in each worker.
+
+Beside ``jobs.db`` (and its ``-wal``/``-shm`` files) the broker keeps ``jobs.db-wake/``,
+the marker files of the doorbell that wakes idle workers (:mod:`workers.brokers.doorbell`).
 """
 
 from __future__ import annotations
