@@ -117,6 +117,16 @@ def test_apply_async_options_are_stored(tasks, tmp_path: Path) -> None:  # type:
     ]
 
 
+def test_eta_and_expires_accept_datetimes(tasks) -> None:  # type: ignore[no-untyped-def]
+    eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)
+    expires = eta + dt.timedelta(seconds=60)
+    tasks.add.apply_async((1, 2), eta=eta, expires=expires, job_id="dated")
+    record = tasks.app.broker.fetch("dated")
+    assert record.state == states.SCHEDULED
+    assert abs(record.eta - eta.timestamp()) < 0.01
+    assert abs(record.expires_at - expires.timestamp()) < 0.01
+
+
 def test_map_submits_every_call_in_one_transaction(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     results = tasks.add.starmap([(i, i) for i in range(100)])
     assert len({r.id for r in results}) == 100

@@ -237,9 +237,11 @@ class App:
             call.kwargs,
         )
         eta = _eta(options.get("eta"), options.get("countdown"), now)
-        expires = _eta(None, options.get("expires"), now) if options.get("expires") else None
-        if isinstance(options.get("expires"), dt.datetime):
-            expires = options["expires"].timestamp()
+        expires_option = options.get("expires")
+        if isinstance(expires_option, dt.datetime):
+            expires: float | None = expires_option.timestamp()
+        else:
+            expires = _eta(None, expires_option, now)
         task_options = task.options if task is not None else TaskOptions(queue=self.default_queue)
         priority = options.get("priority")
         return NewJob(
