@@ -1,0 +1,177 @@
+"""The PostgreSQL broker's own promises: index-scan claims, LISTEN/NOTIFY wake-ups within
+milliseconds, and a connection budget the whole fleet keeps."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import drop_queue, server_url
+from test_brokers_fleet import submit, write_fleet_tasks
+from test_workers_harness import FORKSAFE, load_tasks, wait_until
+
+from workers import states
+from workers.brokers import NewJob, create_broker
+from workers.brokers.postgres import PostgresBroker
+
+pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
+
+CLAIM_PLAN = (
+    "EXPLAIN SELECT id FROM forksafe_jobs WHERE state IN ('PENDING', 'SCHEDULED', 'RETRY')"
+    " AND queue = 'default' AND run_at <= %s AND (expires_at IS NULL OR expires_at > %s)"
+    " ORDER BY priority DESC, run_at LIMIT 10 FOR UPDATE SKIP LOCKED"
+)
+
+
+@pytest.fixture
+def queue(postgres: Any) -> str:
+    drop_queue(postgres)
+    return server_url(postgres)
+
+
+def test_the_claim_query_is_an_index_scan_of_the_due_index(queue: str, postgres: Any) -> None:
+    broker = create_broker(queue)
+    assert isinstance(broker, PostgresBroker)
+    broker.setup()
+    now = time.time()
+    jobs = [
+        NewJob(f"j{i}", "add", "default", b"{}", "json", priority=i % 3, eta=now - i)
+        for i in range(20000)
+    ]
+    broker.enqueue(jobs, now)
+    con = postgres.connect()
+    try:
+        cursor = con.cursor()
+        # Most jobs are finished, as in a queue that has been running for a while.
+        cursor.execute("UPDATE forksafe_jobs SET state = 'SUCCESS' WHERE id NOT LIKE 'j1%'")
+        cursor.execute("ANALYZE forksafe_jobs")
+        cursor.execute(CLAIM_PLAN, (now, now))
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    finally:
+        con.close()
+    print(plan)
+    assert "Index Scan using forksafe_jobs_due on forksafe_jobs" in plan
+    assert "Seq Scan" not in plan and "Sort" not in plan
+    claimed = broker.claim("w", ["default"], 10, 30, now)
+    assert [j.priority for j in claimed] == [2] * 10
+
+
+@pytest.mark.timeout(120)
+def test_a_job_submitted_to_an_idle_fleet_starts_within_50_ms(  # type: ignore[no-untyped-def]
+    queue: str, tmp_path: Path, run_workers
+) -> None:
+    tasks = load_tasks(write_fleet_tasks(tmp_path, queue))
+    run = run_workers(tmp_path / "tasks.py", "--workers", "2")
+    run.wait_for_workers(2, timeout=30)
+    tasks.started_at.delay().get(timeout=30)  # both workers are up and idle
+    time.sleep(0.5)  # idle for longer than any polling interval would be
+    delays = []
+    for _ in range(20):
+        submitted = time.time()
+        started = tasks.started_at.delay().get(timeout=10)
+        delays.append(started - submitted)
+        time.sleep(0.05)  # a trickle: the fleet is idle before each job
+    delays.sort()
+    assert statistics.median(delays) < 0.05, delays
+    assert delays[int(len(delays) * 0.9)] < 0.05, delays
+
+
+@pytest.mark.timeout(60)
+def test_get_wakes_on_the_outcome_not_on_a_poll(queue: str, tmp_path: Path, run_workers) -> None:  # type: ignore[no-untyped-def]
+    tasks = load_tasks(write_fleet_tasks(tmp_path, queue))
+    run = run_workers(tmp_path / "tasks.py", "--workers", "1")
+    run.wait_for_workers(1, timeout=30)
+    tasks.started_at.delay().get(timeout=30)
+    broker = tasks.app.broker
+    waits = 0
+    real_wait = broker.wait
+
+    def counting_wait(timeout: float) -> None:
+        nonlocal waits
+        waits += 1
+        real_wait(timeout)
+
+    broker.wait = counting_wait
+    began = time.monotonic()
+    tasks.record.apply_async((1, str(tmp_path / "runs.txt"))).get(timeout=10, interval=5.0)
+    assert time.monotonic() - began < 1.0
+    assert waits <= 12  # woken by NOTIFY, not by many short polls
+
+
+@pytest.mark.timeout(180)
+def test_db_connections_caps_the_fleet_sessions_under_load(  # type: ignore[no-untyped-def]
+    postgres: Any, tmp_path: Path, run_workers
+) -> None:
+    drop_queue(postgres)
+    url = server_url(postgres, application_name="fleet")
+    tasks = load_tasks(write_fleet_tasks(tmp_path, url))
+    submit(tasks, 3000, tmp_path / "runs.txt")
+    peak = 0
+    stop = threading.Event()
+    watcher = postgres.connect()
+
+    def watch() -> None:
+        nonlocal peak
+        cursor = watcher.cursor()
+        while not stop.is_set():
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'fleet'"
+            )
+            peak = max(peak, cursor.fetchone()[0])
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    try:
+        run = run_workers(
+            tmp_path / "tasks.py", "--workers", "4", "--db-connections", "6", "--prefetch", "5"
+        )
+        run.wait_for_workers(4, timeout=30)
+        observer = server_url(postgres, application_name="observer")  # not counted
+        broker = create_broker(observer)
+
+        def drained() -> bool:
+            by_state = broker.counts(time.time()).get("default", {})
+            return by_state.get(states.SUCCESS, 0) == 3000
+
+        wait_until(drained, 120, "3000 jobs done")
+        status = subprocess.run(
+            [*FORKSAFE, "status", "--json", "--broker", observer],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        workers = json.loads(status.stdout)["workers"]
+        text = subprocess.run(
+            [*FORKSAFE, "status", "--broker", observer], capture_output=True, text=True, timeout=30
+        ).stdout
+        broker.close()
+    finally:
+        stop.set()
+        thread.join(10)
+        watcher.close()
+    assert "db connections: at most 5 (supervisor 1, 1 per worker)" in run.log
+    assert {w["stats"]["broker"]["fleet_budget"] for w in workers} == {6}
+    assert {w["stats"]["broker"]["connection_limit"] for w in workers} == {1}
+    assert 2 <= peak <= 6, peak
+    assert '"fleet_budget": 6' in text
+
+
+def test_a_budget_too_small_for_the_workers_is_refused(queue: str, tmp_path: Path) -> None:
+    write_fleet_tasks(tmp_path, queue)
+    result = subprocess.run(
+        [*FORKSAFE, "run", "tasks.py", "--workers", "4", "--db-connections", "4", "--burst"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--db-connections 4 cannot give the supervisor and 4 workers" in result.stderr
