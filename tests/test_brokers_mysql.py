@@ -1,0 +1,169 @@
+"""The MySQL/MariaDB broker's own promises: servers without SKIP LOCKED are refused, claims
+read the due index in order, polling backs off when idle, and the fleet keeps its budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import drop_queue, server_url
+from test_brokers_fleet import submit, write_fleet_tasks
+from test_workers_harness import load_tasks, wait_until
+
+from workers import states
+from workers.brokers import NewJob, create_broker
+from workers.brokers.mysql import MySQLBroker, check_server_version
+from workers.errors import BrokerError
+
+pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
+
+
+@pytest.fixture
+def queue(mysql: Any) -> str:
+    drop_queue(mysql)
+    return server_url(mysql)
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["8.0.1", "8.4.3", "9.1.0", "10.6.0-MariaDB", "10.11.19-MariaDB-0+deb12u1", "11.4.2-MariaDB"],
+)
+def test_servers_with_skip_locked_are_accepted(version: str) -> None:
+    check_server_version(version)
+
+
+@pytest.mark.parametrize(
+    ("version", "needed"),
+    [
+        ("5.7.44-log", "MySQL 8.0.1"),
+        ("8.0.0-dmr", "MySQL 8.0.1"),
+        ("10.5.22-MariaDB", "MariaDB 10.6"),
+    ],
+)
+def test_a_server_too_old_for_skip_locked_is_refused_naming_the_fix(
+    version: str, needed: str
+) -> None:
+    with pytest.raises(BrokerError, match=f"runs {version}.*added in {needed}.*MariaDB 10.6"):
+        check_server_version(version)
+
+
+def test_the_claim_reads_the_due_index_in_order(queue: str, mysql: Any) -> None:
+    broker = create_broker(queue)
+    assert isinstance(broker, MySQLBroker)
+    broker.setup()
+    now = time.time()
+    broker.enqueue(
+        [
+            NewJob(f"j{i}", "add", "default", b"{}", "json", priority=i % 3, eta=now - i)
+            for i in range(5000)
+        ],
+        now,
+    )
+    con = mysql.connect()
+    try:
+        cursor = con.cursor()
+        cursor.execute(
+            "UPDATE forksafe_jobs SET state = 'SUCCESS', rank_key = 2147483648"
+            " WHERE id NOT LIKE 'j1%%'"
+        )
+        cursor.execute("ANALYZE TABLE forksafe_jobs")
+        cursor.fetchall()
+        cursor.execute(
+            "EXPLAIN SELECT seq FROM forksafe_jobs WHERE queue = 'default'"
+            " AND rank_key < 2147483648 AND run_at <= %s"
+            " AND state IN ('PENDING', 'SCHEDULED', 'RETRY')"
+            " AND (expires_at IS NULL OR expires_at > %s)"
+            " ORDER BY rank_key, run_at LIMIT 10 FOR UPDATE SKIP LOCKED",
+            (now, now),
+        )
+        names = [d[0] for d in cursor.description]
+        plan = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    finally:
+        con.close()
+    print(plan)
+    (step,) = plan
+    assert step["key"] == "forksafe_jobs_due" and step["type"] in ("ref", "range")
+    assert "filesort" not in (step["Extra"] or "")
+    assert [j.priority for j in broker.claim("w", ["default"], 10, 30, now)] == [2] * 10
+
+
+def test_an_idle_waiter_backs_off_to_poll_max_and_work_resets_it(queue: str) -> None:
+    broker = create_broker(queue + "?poll_max=0.02")
+    assert isinstance(broker, MySQLBroker)
+    broker.setup()
+    pauses = []
+    for _ in range(8):
+        began = time.monotonic()
+        broker.wait(1.0)
+        pauses.append(time.monotonic() - began)
+    assert pauses[0] < 0.01 and 0.015 < pauses[-1] < 0.1
+    broker.enqueue([NewJob("x", "add", "default", b"{}", "json")], time.time())
+    began = time.monotonic()
+    broker.wait(1.0)
+    assert time.monotonic() - began < 0.01
+
+
+@pytest.mark.timeout(180)
+def test_db_connections_caps_the_fleet_connections_under_load(  # type: ignore[no-untyped-def]
+    owned_mysql: Any, tmp_path: Path, run_workers
+) -> None:
+    # Its own server: the processlist then holds only the fleet and this test.
+    drop_queue(owned_mysql)
+    url = server_url(owned_mysql)
+    tasks = load_tasks(write_fleet_tasks(tmp_path, url))
+    submit(tasks, 2000, tmp_path / "runs.txt")
+    peak = 0
+    stop = threading.Event()
+    watcher = owned_mysql.connect()
+    watcher_id = watcher.thread_id()
+
+    def watch() -> None:
+        nonlocal peak
+        cursor = watcher.cursor()
+        while not stop.is_set():
+            cursor.execute(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                " WHERE DB = DATABASE() AND ID <> %s",
+                (watcher_id,),
+            )
+            peak = max(peak, cursor.fetchone()[0])
+            time.sleep(0.005)
+
+    run = run_workers(
+        tmp_path / "tasks.py", "--workers", "4", "--db-connections", "6", "--prefetch", "5"
+    )
+    run.wait_for_workers(4, timeout=30)
+    thread = threading.Thread(target=watch)
+    thread.start()
+    try:
+        wait_until(
+            lambda: (
+                int(
+                    watcher_count(
+                        owned_mysql, "SELECT COUNT(*) FROM forksafe_jobs WHERE state = %s"
+                    )
+                )
+                == 2000
+            ),
+            120,
+            "2000 jobs done",
+        )
+    finally:
+        stop.set()
+        thread.join(10)
+        watcher.close()
+    assert 2 <= peak <= 6, peak
+    assert create_broker(url).counts(time.time()) == {"default": {states.SUCCESS: 2000}}
+
+
+def watcher_count(database: Any, sql: str) -> int:
+    con = database.connect()
+    try:
+        cursor = con.cursor()
+        cursor.execute(sql, (states.SUCCESS,))
+        return int(cursor.fetchone()[0])
+    finally:
+        con.close()
