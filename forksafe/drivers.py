@@ -14,21 +14,18 @@ Where no descriptor can be found (an unknown driver, sqlite3 whose files the lib
 owns), the connection is kept referenced for the life of the process so that no
 finaliser ever runs on it. This module is the only place that knows driver internals.
 
-:func:`in_transaction` reports whether a connection has a transaction open, where the
-driver can tell (``None`` where it cannot), so pools can roll back only when needed.
+:func:`transaction_probe` picks, per driver, how to tell whether a connection has a
+transaction open (``None`` where the driver cannot tell), so pools roll back only when needed.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-log = logging.getLogger("forksafe")
-
-__all__ = ["discard", "in_transaction", "socket_fd", "transaction_probe"]
+__all__ = ["discard", "socket_fd", "transaction_probe"]
 
 # Connections that could not be detached: referenced forever so no finaliser runs.
 _kept_alive: list[Any] = []
@@ -64,50 +61,48 @@ def socket_fd(con: Any) -> int | None:
     return None
 
 
-def _blind_fd(fd: int) -> bool:
-    """Point descriptor ``fd`` at /dev/null in this process only. True on success."""
+def discard(*cons: Any) -> None:
+    """Get rid of connections inherited from another process without touching their sessions.
+
+    The server never hears of them: no goodbye, no rollback, no ``shutdown()`` of a
+    socket. The parent process keeps using its sessions undisturbed. Takes any number of
+    connections (``None`` is skipped) so a fork hook pays for opening /dev/null once.
+    Never raises.
+    """
+    devnull = -1
     try:
-        devnull = os.open(os.devnull, os.O_RDWR)
-    except OSError:
-        return False
+        for con in cons:
+            if con is None:
+                continue
+            module = _module_of(con)
+            fd = None if module.startswith("sqlite3") else socket_fd(con)
+            if fd is not None and devnull < 0:
+                with suppress(OSError):
+                    devnull = os.open(os.devnull, os.O_RDWR)
+            if fd is None or devnull < 0 or not _blind(fd, devnull):
+                # SQLite owns its file descriptors and may checkpoint or unlink the WAL
+                # on close; an unknown driver may say goodbye. Never close those here.
+                if not _is_closed(con):
+                    _kept_alive.append(con)
+                continue
+            # The descriptor now points at /dev/null: the driver's goodbye goes nowhere.
+            with suppress(Exception):
+                if module.startswith("pymysql"):
+                    con._force_close()  # PyMySQL's close-without-quit
+                else:
+                    con.close()
+    finally:
+        if devnull >= 0:
+            os.close(devnull)
+
+
+def _blind(fd: int, devnull: int) -> bool:
+    """Point descriptor ``fd`` at /dev/null in this process only. True on success."""
     try:
         os.dup2(devnull, fd)
     except OSError:
         return False
-    finally:
-        os.close(devnull)
     return True
-
-
-def discard(con: Any) -> None:
-    """Get rid of a connection inherited from another process without touching its session.
-
-    The server never hears of it: no goodbye, no rollback, no ``shutdown()`` of the socket.
-    The parent process keeps using its session undisturbed. Never raises.
-    """
-    if con is None:
-        return
-    module = _module_of(con)
-    if module.startswith("sqlite3"):
-        # SQLite owns its file descriptors and may checkpoint or unlink the WAL on
-        # close; the only safe thing in a forked child is to never close it.
-        _kept_alive.append(con)
-        return
-    fd = socket_fd(con)
-    if fd is None or not _blind_fd(fd):
-        if _is_closed(con):
-            return
-        log.debug("keeping inherited %s connection referenced: no socket to detach", module)
-        _kept_alive.append(con)
-        return
-    # The descriptor now points at /dev/null: the driver's goodbye goes nowhere.
-    if module.startswith("pymysql"):
-        # PyMySQL's close-without-quit; its close() would also work into the void.
-        with suppress(Exception):
-            con._force_close()
-        return
-    with suppress(Exception):
-        con.close()
 
 
 def _is_closed(con: Any) -> bool:
@@ -152,11 +147,3 @@ def transaction_probe(con: Any) -> Callable[[Any], bool | None]:
     if module.startswith("pymysql"):
         return _pymysql_in_transaction
     return _generic_in_transaction
-
-
-def in_transaction(con: Any) -> bool | None:
-    """Whether ``con`` has a transaction open; None when the driver cannot tell. Never raises."""
-    try:
-        return transaction_probe(con)(con)
-    except Exception:
-        return None

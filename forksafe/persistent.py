@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from forksafe import fork
+from forksafe import drivers, fork
 from forksafe.errors import NotSupportedError, PersistentDBError
 from forksafe.pooled import _threadsafety
 from forksafe.steady import Recipe, SteadyDBConnection
@@ -115,8 +115,7 @@ class PersistentDB(fork.ProcessBound):
 
     def _fork_child(self) -> None:
         """Forget the inherited connections: discarded, never closed."""
-        for con in list(self._opened):
-            con._discard()
+        drivers.discard(*(con._detach() for con in list(self._opened)))
         self._opened = weakref.WeakSet()
         self.thread = self._threadlocal()
         self._pid = fork.getpid()

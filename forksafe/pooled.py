@@ -53,7 +53,7 @@ from contextlib import suppress
 from functools import total_ordering
 from typing import Any, TypeVar
 
-from forksafe import fork
+from forksafe import drivers, fork
 from forksafe.errors import (
     InvalidConnection,
     InvalidConnectionError,
@@ -318,8 +318,7 @@ class PooledDB(fork.ProcessBound):
         """In a forked child: discard every inherited connection and start empty."""
         inherited = [sc.con for sc in self._shared_cache] + list(self._idle)
         self._reset_process_state()
-        for con in inherited:
-            con._discard()
+        drivers.discard(*(con._detach() for con in inherited))
         self._stats["connections_discarded_after_fork"] += len(inherited)
 
     # -- checkout -------------------------------------------------------------------

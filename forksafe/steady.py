@@ -336,13 +336,18 @@ class SteadyDBConnection:
             else:
                 drivers.discard(con)
 
+    def _detach(self) -> Any:
+        """Mark closed and hand over the driver connection (None if already closed)."""
+        if self._closed:
+            return None
+        self._closed = True
+        self._transaction = False
+        con, self._con = self._con, None
+        return con
+
     def _discard(self) -> None:
         """Drop an inherited connection without a word to the server (see drivers.discard)."""
-        if not self._closed:
-            self._closed = True
-            self._transaction = False
-            con, self._con = self._con, None
-            drivers.discard(con)
+        drivers.discard(self._detach())
 
     def _check_process(self) -> None:
         """Refuse to work in a process that did not open this connection."""
@@ -556,10 +561,7 @@ class SteadyDBConnection:
 class SteadyDBCursor:
     """A hardened DB-API 2 cursor: ``execute*``/``callproc*`` fail over like the connection.
 
-    ``fetchone``/``fetchmany``/``fetchall`` are the driver cursor's own bound methods,
-    so fetching costs nothing over the driver; they are rebound when failover replaces
-    the driver cursor. Dropping a steady cursor leaves its driver cursor to the driver's
-    own finaliser.
+    Dropping a steady cursor leaves its driver cursor to the driver's own finaliser.
     """
 
     _cursor: Any = None
@@ -567,30 +569,19 @@ class SteadyDBCursor:
     _no_failover = 0
     _inputsizes: Any = None
     _outputsizes: dict[Any, Any] | None = None
-    fetchone: Callable[[], Any]
-    fetchmany: Callable[..., Any]
-    fetchall: Callable[[], Any]
 
     def __init__(self, con: SteadyDBConnection, *args: Any, **kwargs: Any) -> None:
         if not isinstance(con, SteadyDBConnection):
             raise TypeError(f"{con!r} is not a SteadyDBConnection")
         self._con = con
         self._args, self._kwargs = args, kwargs
-        self._bind(con._cursor(*args, **kwargs))
+        self._cursor = con._cursor(*args, **kwargs)
+        self._closed = False
 
     def _bind(self, cursor: Any) -> None:
-        """Make ``cursor`` the driver cursor behind this one."""
+        """Make ``cursor`` (a replacement after failover) the driver cursor behind this one."""
         self._cursor = cursor
         self._closed = False
-        try:
-            self.fetchone = cursor.fetchone
-            self.fetchmany = cursor.fetchmany
-            self.fetchall = cursor.fetchall
-        except AttributeError:  # a driver without them all: forward what exists
-            for name in ("fetchone", "fetchmany", "fetchall"):
-                self.__dict__.pop(name, None)
-                if hasattr(cursor, name):
-                    self.__dict__[name] = getattr(cursor, name)
 
     def __enter__(self) -> SteadyDBCursor:
         return self
@@ -677,6 +668,18 @@ class SteadyDBCursor:
     def callproc(self, *args: Any, **kwargs: Any) -> Any:
         """Call a stored procedure, with the same failover."""
         return self._call("callproc", args, kwargs, False)
+
+    def fetchone(self) -> Any:
+        """Fetch the next row."""
+        return self._cursor.fetchone()
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        """Fetch the next rows."""
+        return self._cursor.fetchmany(*args, **kwargs)
+
+    def fetchall(self) -> Any:
+        """Fetch all remaining rows."""
+        return self._cursor.fetchall()
 
     def _call(self, name: str, args: Any, kwargs: Any, execute: bool) -> Any:
         con = self._con
