@@ -58,6 +58,9 @@ log = logging.getLogger("workers.brokers")
 
 T = TypeVar("T")
 
+LIMITS_VARIABLE = "FORKSAFE_DB_CONNECTIONS"
+"""``budget:own:forked`` connection limits for brokers built in this process tree."""
+
 POOL_WAIT = 60.0
 """Seconds a thread waits for one of its process's capped connections before failing."""
 
@@ -114,6 +117,11 @@ class ServerBroker(Broker):
         self._own_limit = int(url_number(url, "max_connections", 0))
         self._forked_limit = self._own_limit
         self._budget: int | None = None
+        # Set by `forksafe run --db-connections`, so a broker rebuilt on SIGHUP keeps it.
+        fleet = os.environ.get(LIMITS_VARIABLE, "")
+        if fleet.count(":") == 2 and fleet.replace(":", "").isdigit():
+            budget, own, forked = (int(part) for part in fleet.split(":"))
+            self._own_limit, self._forked_limit, self._budget = own, forked, budget or None
         self._pool: PooledDB | None = None
         self._pool_pid = 0
         self._schema_ok = False
@@ -137,10 +145,13 @@ class ServerBroker(Broker):
         """Cap this process's connections at ``own`` and each forked child's at ``forked``.
 
         ``budget`` is the fleet-wide total they were derived from, shown in :meth:`stats`.
-        Takes effect at once in this process (idle connections over the cap are closed).
+        Takes effect at once in this process (idle connections over the cap are closed),
+        and for brokers built later in this process and its children (``FORKSAFE_DB_CONNECTIONS``
+        in the environment), such as the one a ``SIGHUP`` reload builds.
         """
         if own < 1 or forked < 1:
             raise BrokerError(f"connection limits must be at least 1 (got {own}, {forked})")
+        os.environ[LIMITS_VARIABLE] = f"{budget or 0}:{own}:{forked}"
         self._owner_pid = os.getpid()
         self._own_limit, self._forked_limit, self._budget = own, forked, budget
         if self._pool is not None and self._pool_pid == os.getpid():
