@@ -156,11 +156,32 @@ class Run:
             pytest.fail(f"forksafe run did not exit within {timeout} s; log:\n{self.log}")
 
     def stop(self) -> None:
+        """Kill the whole process group (orphaned workers too) and wait until it is gone,
+        so that no session of it outlives the test."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
         if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
             self.process.wait(10)
+        deadline = time.monotonic() + 10
+        while group_members(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._log.close()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids in process group ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
 
 
 @pytest.fixture
