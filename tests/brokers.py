@@ -7,6 +7,7 @@ dropped. ``table_rows(url, sql)`` runs SQL on the queue's database, whatever it 
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,35 @@ def drop_queue(database: Any) -> None:
         con.close()
 
 
+def end_sessions(database: Any) -> None:
+    """End every other session on a harness database: the brokers a test built (in this
+    process or its fleet) must not outlive it, since later tests count the sessions."""
+    con = database.connect()
+    try:
+        cursor = con.cursor()
+        if database.kind == "postgres":
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        else:
+            cursor.execute(
+                "SELECT ID FROM information_schema.PROCESSLIST"
+                " WHERE DB = DATABASE() AND ID <> CONNECTION_ID()"
+            )
+            for (thread_id,) in cursor.fetchall():
+                with contextlib.suppress(Exception):  # gone meanwhile
+                    cursor.execute(f"KILL CONNECTION {int(thread_id)}")
+    finally:
+        con.close()
+
+
+def fresh_queue(request: pytest.FixtureRequest, database: Any) -> None:
+    """Drop the queue tables now, and end the test's sessions when it is over."""
+    drop_queue(database)
+    request.addfinalizer(lambda: end_sessions(database))
+
+
 def server_url(database: Any, **options: Any) -> str:
     """The broker URL of a harness database, with broker URL options added."""
     url = str(database.dsn)
@@ -42,7 +72,7 @@ def broker_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'queue.db'}"
     database = request.getfixturevalue(kind)
-    drop_queue(database)
+    fresh_queue(request, database)
     return server_url(database)
 
 

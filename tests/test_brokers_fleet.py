@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import drop_queue, server_url, table_rows
+from brokers import fresh_queue, server_url, table_rows
 from test_workers_harness import FORKSAFE, load_tasks, wait_until
 
 from workers import states
@@ -53,7 +53,7 @@ def server(request: pytest.FixtureRequest) -> Any:
     database = request.getfixturevalue(f"owned_{request.param}")
     if not database.server.running:
         database.server.start()
-    drop_queue(database)
+    fresh_queue(request, database)
     return database
 
 

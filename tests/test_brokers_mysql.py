@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import drop_queue, server_url
+from brokers import drop_queue, fresh_queue, server_url
 from test_brokers_fleet import submit, write_fleet_tasks
 from test_workers_harness import load_tasks, wait_until
 
@@ -22,8 +22,8 @@ pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
 
 
 @pytest.fixture
-def queue(mysql: Any) -> str:
-    drop_queue(mysql)
+def queue(mysql: Any, request: pytest.FixtureRequest) -> str:
+    fresh_queue(request, mysql)
     return server_url(mysql)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import drop_queue, server_url
+from brokers import fresh_queue, server_url
 from test_brokers_fleet import submit, write_fleet_tasks
 from test_workers_harness import FORKSAFE, load_tasks, wait_until
 
@@ -30,8 +30,8 @@ CLAIM_PLAN = (
 
 
 @pytest.fixture
-def queue(postgres: Any) -> str:
-    drop_queue(postgres)
+def queue(postgres: Any, request: pytest.FixtureRequest) -> str:
+    fresh_queue(request, postgres)
     return server_url(postgres)
 
 
@@ -106,9 +106,9 @@ def test_get_wakes_on_the_outcome_not_on_a_poll(queue: str, tmp_path: Path, run_
 
 @pytest.mark.timeout(180)
 def test_db_connections_caps_the_fleet_sessions_under_load(  # type: ignore[no-untyped-def]
-    postgres: Any, tmp_path: Path, run_workers
+    postgres: Any, tmp_path: Path, run_workers, request: pytest.FixtureRequest
 ) -> None:
-    drop_queue(postgres)
+    fresh_queue(request, postgres)
     url = server_url(postgres, application_name="fleet")
     tasks = load_tasks(write_fleet_tasks(tmp_path, url))
     submit(tasks, 3000, tmp_path / "runs.txt")
