@@ -321,7 +321,8 @@ class Broker(ABC):
         """Housekeeping, run by supervisors about once a second.
 
         Jobs whose lease ran out are released as by :meth:`release_lost`; waiting jobs
-        past ``expires_at`` become ``EXPIRED``. Returns how many jobs changed.
+        past ``expires_at`` become ``EXPIRED``; a broker may also do its own upkeep here
+        (SQLite checkpoints its WAL). Returns how many jobs changed.
         """
 
     @abstractmethod

@@ -52,6 +52,9 @@ SCHEMA_VERSION = 1
 RECORD_CHUNK = 500
 """Outcomes written per statement (8 parameters each, well below SQLite's limit)."""
 
+AUTOCHECKPOINT_PAGES = 20000
+"""WAL pages (about 80 MB) after which any committer checkpoints, if no sweep has."""
+
 SAFETY_POLL = 0.05
 """Seconds between database checks of a waiter that relies on the doorbell."""
 
@@ -166,6 +169,9 @@ class SQLiteBroker(Broker):
                 "PRAGMA journal_mode=WAL",
                 f"PRAGMA synchronous={synchronous}",
                 "PRAGMA busy_timeout=0",
+                # Checkpoints (which fsync) run in the supervisor's sweep, off the path of
+                # claims and outcomes; this is only the backstop when no supervisor runs.
+                f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}",
             ],
             failures=(sqlite3.InterfaceError, sqlite3.InternalError),
             database=self.path,
@@ -397,6 +403,9 @@ class SQLiteBroker(Broker):
             changed += int(cursor.rowcount)
         if changed:
             self._ring()
+        # Copy the WAL back into the database now, in the supervisor, rather than in
+        # whichever claim or outcome commits past the autocheckpoint threshold.
+        self._retry_busy(self._connection().cursor(), "PRAGMA wal_checkpoint(PASSIVE)")
         return changed
 
     def _release_where(
