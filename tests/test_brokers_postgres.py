@@ -161,7 +161,7 @@ def test_db_connections_caps_the_fleet_sessions_under_load(  # type: ignore[no-u
     assert {w["stats"]["broker"]["fleet_budget"] for w in workers} == {6}
     assert {w["stats"]["broker"]["connection_limit"] for w in workers} == {1}
     assert 2 <= peak <= 6, peak
-    assert '"fleet_budget": 6' in text
+    assert '"fleet_budget": 6' in text and "at most 1 each; budget 6" in text
 
 
 def test_a_budget_too_small_for_the_workers_is_refused(queue: str, tmp_path: Path) -> None:

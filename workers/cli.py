@@ -418,11 +418,33 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{state} {by_state[state]}" for state in states.ALL_STATES if state in by_state
         )
         print(f"  {queue}: {parts}")
+    budgets = _connection_budgets(workers)
+    if budgets:
+        print("db connections:")
+        for host, (budget, in_use, per_worker) in sorted(budgets.items()):
+            print(f"  {host}: workers hold {in_use}, at most {per_worker} each; budget {budget}")
     if workers:
         print("pool stats:")
         for w in workers:
             print(f"  {w.pid}: {json.dumps(dict(w.stats), sort_keys=True, default=str)}")
     return EXIT_OK
+
+
+def _connection_budgets(workers: Sequence[Any]) -> dict[str, tuple[int, int, int]]:
+    """Per supervisor (``host/pid``) with ``--db-connections``: (budget, open, per worker)."""
+    found: dict[str, tuple[int, int, int]] = {}
+    for w in workers:
+        broker = w.stats.get("broker") or {}
+        if not broker.get("fleet_budget"):
+            continue
+        key = f"{w.hostname}/{w.supervisor_pid}"
+        in_use = found.get(key, (0, 0, 0))[1]
+        found[key] = (
+            int(broker["fleet_budget"]),
+            in_use + int(broker.get("in_use", 0)) + int(broker.get("idle", 0)),
+            int(broker.get("connection_limit", 0)),
+        )
+    return found
 
 
 def _job_line(job: JobRecord, with_traceback: bool) -> str:

@@ -21,7 +21,9 @@ How it works:
   a claim reads only the rows it takes (MySQL has no partial indexes).
 * **Waiting** is adaptive polling (no ``LISTEN/NOTIFY`` here): an idle waiter looks
   again after 1 ms, then 2, 4, ... up to ``poll_max``; any work found or submitted
-  by this process resets it to 1 ms.
+  by this process resets it to 1 ms. Waiters on the same machine are also woken at
+  once by the committer's doorbell (:mod:`workers.brokers.doorbell`, one per
+  server and database), so only other machines' submissions wait for a poll.
 * **Schema** changes run under ``GET_LOCK('forksafe_schema')``, so supervisors
   starting together migrate once.
 * Outcomes are written only for leases still current (``SELECT ... FOR UPDATE``,
@@ -30,10 +32,13 @@ How it works:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -51,6 +56,8 @@ from workers.brokers.base import (
     Outcome,
     WorkerInfo,
 )
+from workers.brokers.doorbell import SUPPORTED as DOORBELL_SUPPORTED
+from workers.brokers.doorbell import Doorbell
 from workers.brokers.server import ServerBroker, url_number
 from workers.errors import BrokerError
 
@@ -179,6 +186,11 @@ class MySQLBroker(ServerBroker):
         self._params = params
         self.poll_max = url_number(url, "poll_max", 0.05, minimum=POLL_MIN)
         self._poll = threading.local()
+        self._doorbell: Doorbell | None = None
+        if DOORBELL_SUPPORTED:
+            where = f"{params['host']}:{params['port']}:{params.get('unix_socket')}/{url.database}"
+            digest = hashlib.sha256(where.encode()).hexdigest()[:16]
+            self._doorbell = Doorbell(os.path.join(tempfile.gettempdir(), f"forksafe-{digest}"))
 
     def _connect(self) -> Any:
         con = pymysql.connect(**self._params)
@@ -306,7 +318,9 @@ class MySQLBroker(ServerBroker):
         )
         marks = "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
         if len(jobs) == 1:
-            return [self._count(insert + marks, rows[0], retry=True) == 1]
+            created = self._count(insert + marks, rows[0], retry=True) == 1
+            self._ring()
+            return [created]
 
         def work(con: Any) -> list[bool]:
             con.begin()
@@ -343,7 +357,9 @@ class MySQLBroker(ServerBroker):
             finally:
                 cursor.close()
 
-        return self._attempt(work, True, [])
+        result: list[bool] = self._attempt(work, True, [])
+        self._ring()
+        return result
 
     def claim(
         self, worker: str, queues: Sequence[str], limit: int, lease_seconds: float, now: float
@@ -451,7 +467,10 @@ class MySQLBroker(ServerBroker):
             finally:
                 cursor.close()
 
-        return self._attempt(work, True, [])
+        stored: list[bool] = self._attempt(work, True, [])
+        if any(stored):
+            self._ring()
+        return stored
 
     def _write_outcomes(self, cursor: Any, chosen: Sequence[Outcome], now: float) -> None:
         values: list[Any] = []
@@ -491,7 +510,7 @@ class MySQLBroker(ServerBroker):
     def release(self, worker: str, job_ids: Sequence[str], now: float) -> int:
         if not job_ids:
             return 0
-        return self._count(
+        changed = self._count(
             "UPDATE forksafe_jobs SET state = 'PENDING', rank_key = -priority, lease = NULL,"
             " lease_until = NULL, deliveries = GREATEST(deliveries - 1, 0)"
             " WHERE worker = %s AND state = 'STARTED' AND id IN ("
@@ -500,9 +519,15 @@ class MySQLBroker(ServerBroker):
             (worker, *job_ids),
             retry=False,
         )
+        if changed:
+            self._ring()
+        return changed
 
     def release_lost(self, worker: str, max_deliveries: int, now: float) -> int:
-        return self._release_where("worker = %s", (worker,), max_deliveries, now)
+        changed = self._release_where("worker = %s", (worker,), max_deliveries, now)
+        if changed:
+            self._ring()
+        return changed
 
     def sweep(self, max_deliveries: int, now: float) -> int:
         changed = self._release_where("lease_until < %s", (now,), max_deliveries, now)
@@ -517,6 +542,8 @@ class MySQLBroker(ServerBroker):
             (now - WORKER_ROW_TTL,),
             retry=False,
         )
+        if changed:
+            self._ring()
         return changed
 
     def _release_where(
@@ -546,7 +573,7 @@ class MySQLBroker(ServerBroker):
         return _job_record(rows[0]) if rows else None
 
     def revoke(self, job_id: str, now: float) -> bool:
-        return (
+        revoked = (
             self._count(
                 f"UPDATE forksafe_jobs SET state = 'REVOKED', rank_key = {DONE}, finished_at = %s,"
                 " lease = NULL, lease_until = NULL"
@@ -556,6 +583,9 @@ class MySQLBroker(ServerBroker):
             )
             == 1
         )
+        if revoked:
+            self._ring()
+        return revoked
 
     def retry(self, job_id: str, now: float) -> bool:
         changed = self._count(
@@ -568,6 +598,7 @@ class MySQLBroker(ServerBroker):
         )
         if changed:
             self._busy()
+            self._ring()
         return changed == 1
 
     def jobs(self, state_filter: Sequence[str] | None, limit: int) -> list[JobRecord]:
@@ -669,12 +700,27 @@ class MySQLBroker(ServerBroker):
     def _busy(self) -> None:
         self._poll.pause = POLL_MIN
 
+    def _ring(self) -> None:
+        """Wake this machine's waiters after a commit they may care about."""
+        if self._doorbell is not None:
+            with contextlib.suppress(OSError):  # another user's doorbell: poll instead
+                self._doorbell.ring()
+
     def wait(self, timeout: float) -> None:
         """Sleep before the next look at the queue: 1 ms after work was seen, doubling
-        on every idle look up to ``poll_max`` seconds, never longer than ``timeout``."""
-        pause = getattr(self._poll, "pause", POLL_MIN)
-        time.sleep(max(0.0, min(pause, timeout)))
-        self._poll.pause = min(pause * 2, self.poll_max)
+        on every idle look up to ``poll_max`` seconds, never longer than ``timeout``;
+        a ring of this machine's doorbell ends the sleep at once."""
+        pause = max(0.0, min(getattr(self._poll, "pause", POLL_MIN), timeout))
+        self._poll.pause = min(max(pause, POLL_MIN) * 2, self.poll_max)
+        if self._doorbell is not None:
+            try:
+                self._doorbell.arm()
+                if self._doorbell.wait(pause):
+                    self._busy()
+                return
+            except OSError:
+                self._doorbell = None  # cannot use it here: poll instead
+        time.sleep(pause)
 
 
 def _job_record(row: Sequence[Any]) -> JobRecord:
