@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_integration_support import no_sessions_left, running, server_sessions, wait_until
+from test_integration_support import running, server_sessions, sessions_left, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,6 +92,7 @@ def test_celery_prefork_children_each_get_their_own_session_and_the_parent_keeps
     from celery import Celery
 
     db = request.getfixturevalue(kind)
+    before = server_sessions(db)
     (tmp_path / "fs_celery_app.py").write_text(TASKS_MODULE)
     conf = celery_conf(tmp_path)
     parent_file = tmp_path / "parent.json"
@@ -127,7 +128,7 @@ def test_celery_prefork_children_each_get_their_own_session_and_the_parent_keeps
         assert len(set(sessions)) == len(sessions), by_pid
         assert parent["session"] not in sessions
         assert parent["session"] in server_sessions(db), "the parent's session was killed"
-    assert not no_sessions_left(db)
+    assert not sessions_left(db, before)
 
 
 def test_celery_worker_process_init_runs_the_reset() -> None:

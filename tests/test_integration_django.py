@@ -17,9 +17,9 @@ from test_integration_support import (
     ROOT,
     fire,
     free_port,
-    no_sessions_left,
     running,
     server_sessions,
+    sessions_left,
     uwsgi_binary,
     uwsgi_env,
     wait_until,
@@ -46,6 +46,7 @@ def test_django_under_uwsgi_detaches_the_masters_connection_in_every_worker(
     kind: str, uwsgi_binary: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     db = request.getfixturevalue(kind)
+    before = server_sessions(db)
     with start_django_uwsgi(uwsgi_binary, db, tmp_path) as server:
         master = server.get("/master")
         load = fire(server.base, count=400, concurrency=32)
@@ -54,7 +55,7 @@ def test_django_under_uwsgi_detaches_the_masters_connection_in_every_worker(
         assert len(load.sessions) == 4
         assert load.sessions | {master["session"]} <= server_sessions(db)
         print(f"django uwsgi {kind}: 400 requests in {load.seconds:.2f}s", file=sys.stderr)
-    assert not no_sessions_left(db)
+    assert not sessions_left(db, before)
 
 
 def test_django_under_uwsgi_without_the_hook_every_worker_uses_the_masters_session(

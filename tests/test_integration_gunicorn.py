@@ -12,9 +12,9 @@ from test_integration_support import (
     ROOT,
     fire,
     free_port,
-    no_sessions_left,
     running,
     server_sessions,
+    sessions_left,
     wait_until,
 )
 
@@ -28,6 +28,7 @@ def test_gunicorn_workers_each_get_their_own_session_and_survive_a_reload(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     db = request.getfixturevalue(kind)
+    before = server_sessions(db)
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "examples" / "gunicorn.conf.py")]
     env = {
@@ -53,7 +54,7 @@ def test_gunicorn_workers_each_get_their_own_session_and_survive_a_reload(
         after.check(forbidden_sessions={master["session"]} | load.sessions)
         assert master["session"] in server_sessions(db), "the master's session was killed"
         assert server.get("/master") == master
-    assert not no_sessions_left(db)
+    assert not sessions_left(db, before)
 
 
 def test_gunicorn_post_fork_hook_leaves_the_parent_pool_alone(postgres: Any) -> None:

@@ -16,7 +16,11 @@ from test_integration_support import server_sessions
 
 from forksafe import PooledDB
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [
+    pytest.mark.timeout(120),
+    # Each test builds (and closes) its own pool for the same database, on purpose.
+    pytest.mark.filterwarnings("ignore::forksafe.ManyPoolsWarning"),
+]
 
 SESSION_SQL = {"psycopg2": "SELECT pg_backend_pid()", "pymysql": "SELECT CONNECTION_ID()"}
 

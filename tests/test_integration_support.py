@@ -311,14 +311,16 @@ def server_sessions(db: Any) -> set[int]:
         conn.close()
 
 
-def no_sessions_left(db: Any, timeout: float = 15.0) -> set[int]:
-    """Wait until no other session is connected to ``db``'s database; return what is left."""
+def sessions_left(db: Any, before: set[int], timeout: float = 15.0) -> set[int]:
+    """Wait until every session on ``db``'s database that was not in ``before`` is gone;
+    return those still there. (Other tests of this xdist worker share the database, so only
+    sessions opened since ``before`` count.)"""
     left: set[int] = set()
 
-    def empty() -> bool:
+    def gone() -> bool:
         nonlocal left
-        left = server_sessions(db)
+        left = server_sessions(db) - before
         return not left
 
-    wait_until(empty, timeout, 0.1)
+    wait_until(gone, timeout, 0.1)
     return left

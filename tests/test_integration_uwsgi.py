@@ -22,9 +22,9 @@ from test_integration_support import (
     fire,
     free_port,
     http_request,
-    no_sessions_left,
     running,
     server_sessions,
+    sessions_left,
     uwsgi_binary,
     uwsgi_env,
     wait_until,
@@ -92,6 +92,7 @@ def test_uwsgi_workers_each_get_their_own_session_and_survive_a_reload(
     kind: str, mode: str, uwsgi_binary: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     db = request.getfixturevalue(kind)
+    before = server_sessions(db)
     extra, env = MODES[mode]
     with start_uwsgi(uwsgi_binary, db, tmp_path, extra, env) as server:
         first = check_one_session_per_worker(server, db, hooked=mode != "pid-check-only")
@@ -106,7 +107,7 @@ def test_uwsgi_workers_each_get_their_own_session_and_survive_a_reload(
         assert not check_one_session_per_worker(server, db, hooked=mode != "pid-check-only") & (
             first
         )
-    assert not no_sessions_left(db), "sessions left after uWSGI stopped"
+    assert not sessions_left(db, before), "sessions left after uWSGI stopped"
 
 
 @pytest.mark.parametrize("kind", ["postgres", "mysql"])
@@ -114,6 +115,7 @@ def test_uwsgi_workers_recycled_by_max_requests_never_share_a_session(
     kind: str, uwsgi_binary: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     db = request.getfixturevalue(kind)
+    before = server_sessions(db)
     # uWSGI lets a worker live min-worker-lifetime (10 s) before max-requests may recycle it.
     extra = ["--min-worker-lifetime", "0"]
     with start_uwsgi(uwsgi_binary, db, tmp_path, extra, max_requests=25) as server:
@@ -124,13 +126,14 @@ def test_uwsgi_workers_recycled_by_max_requests_never_share_a_session(
         assert len(load.pids) > 4, load.sessions_by_pid()
         assert master["session"] in server_sessions(db), "the master's session was killed"
         assert server.get("/master") == master
-    assert not no_sessions_left(db)
+    assert not sessions_left(db, before)
 
 
 @pytest.mark.timeout(180)
 def test_uwsgi_app_submits_jobs_that_a_forksafe_worker_runs_on_its_own_session(
     postgres: Any, uwsgi_binary: Path, tmp_path: Path
 ) -> None:
+    before = server_sessions(postgres)
     with start_uwsgi(uwsgi_binary, postgres, tmp_path) as server:
         master = server.get("/master")
         jobs = {}
@@ -158,7 +161,7 @@ def test_uwsgi_app_submits_jobs_that_a_forksafe_worker_runs_on_its_own_session(
             assert answer["state"] == "SUCCESS", answer
             assert answer["result"]["token"] == token
             assert answer["result"]["session"] != master["session"]
-    assert not no_sessions_left(postgres)
+    assert not sessions_left(postgres, before)
 
 
 def test_uwsgi_hook_outside_uwsgi_is_a_no_op_that_says_so(
