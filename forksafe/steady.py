@@ -467,7 +467,7 @@ class SteadyDBConnection:
         elif (
             not self._closed
             and self._pid == fork.getpid()
-            and (self._transaction or self._driver_in_transaction() is not False)
+            and (self._transaction or self._driver_in_transaction() is True)
         ):
             self._reset(force=True)
 
