@@ -352,7 +352,7 @@ def contenders(backend: str) -> tuple[list[Contender], dict[str, str]]:
         Contender("forksafe PooledDB", pooled(PooledDB), main, ref, forksafe=True),
         Contender(
             "forksafe PersistentDB",
-            persistent(PersistentDB, explicit_rollback=False),
+            persistent(PersistentDB, explicit_rollback=True),
             main,
             ref,
             caps=False,
@@ -413,8 +413,9 @@ def contenders(backend: str) -> tuple[list[Contender], dict[str, str]]:
         + "); the rollback on return is skipped only when the driver reports no open"
         " transaction"
         + (" (never here: the fake driver cannot tell)." if backend == "fake" else "."),
-        "forksafe PersistentDB": "one connection per thread (cannot cap); close() rolls back"
-        " when the driver reports a transaction open or cannot tell, so no explicit rollback.",
+        "forksafe PersistentDB": "one connection per thread (cannot cap); like DBUtils, the"
+        " cycle calls rollback() before close() (close() itself rolls back only when the"
+        " driver reports a transaction open).",
     }
     if backend == "pg":
         notes.update(
