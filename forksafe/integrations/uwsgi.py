@@ -17,7 +17,8 @@ What importing does:
   module is not installed, chains ``uwsgi.post_fork_hook`` directly) that runs
   :func:`forksafe.integrations.reset_after_fork`. With ``py-call-uwsgi-fork-hooks`` the
   Python fork hooks have already reset the pools; the second reset finds nothing to do.
-  Importing the module again registers nothing more.
+  Importing the module again registers nothing more. (Importing ``uwsgidecorators`` also
+  sets its spooler dispatcher, ``uwsgi.spooler``, as it does for any app that uses it.)
 * outside uWSGI (tests, ``manage.py``, another server): nothing, and a debug message on
   the ``forksafe.integrations.uwsgi`` logger says so. It never raises ImportError.
 """
