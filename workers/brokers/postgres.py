@@ -18,10 +18,11 @@ How it works:
   ('PENDING','SCHEDULED','RETRY')`` in order and stops at ``LIMIT``, so its cost does
   not grow with the number of finished jobs (``tests/test_brokers_postgres.py``
   shows the ``EXPLAIN``).
-* **Wake-ups.** Every connection ``LISTEN``\\ s on ``forksafe_jobs`` (new due work)
-  and ``forksafe_done`` (outcomes); submissions and outcomes ``NOTIFY`` in the same
-  statement that writes them, so an idle worker (or ``AsyncResult.get()``) wakes
-  within a millisecond of the commit instead of polling.
+* **Wake-ups.** Submissions ``NOTIFY forksafe_jobs`` and outcomes ``NOTIFY
+  forksafe_done`` in the same statement that writes them. A connection a worker waits
+  on listens to the first, one ``AsyncResult.get()`` waits on to the second, so
+  an idle worker (or a result reader) wakes within a millisecond of the commit
+  instead of polling, and no other session is woken.
 * Connections run in autocommit mode: almost every operation is a single statement,
   one round trip. Statements that write are never silently retried on a new
   connection (a lost reply could hide a commit); see :mod:`workers.brokers.server`.
@@ -61,6 +62,7 @@ SCHEMA_VERSION = 1
 LOCK_KEY = 0x666F726B73616665  # "forksafe"
 JOBS_CHANNEL = "forksafe_jobs"
 DONE_CHANNEL = "forksafe_done"
+CHANNELS = frozenset({JOBS_CHANNEL, DONE_CHANNEL})
 OWN_OPTIONS = ("retry_for", "max_connections")
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -135,6 +137,12 @@ WORKER_ROW_TTL = 600.0
 """Seconds after its last heartbeat that the sweep forgets a worker row (a dead host's)."""
 
 
+class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]
+    """A psycopg2 connection that knows which channels it listens to."""
+
+    listening: frozenset[str] = frozenset()
+
+
 def _disconnected(exc: BaseException) -> bool:
     code = getattr(exc, "pgcode", None)
     if isinstance(exc, psycopg2.InterfaceError) or code is None:
@@ -166,17 +174,25 @@ class PostgresBroker(ServerBroker):
         params.setdefault("application_name", "forksafe")
         self._params = params
         self._changed = False  # a notification arrived while this process ran a query
+        self._wants: tuple[int, set[str]] = (0, set())  # (pid, channels its waits are for)
 
     def _connect(self) -> Any:
-        con = psycopg2.connect(**self._params)
+        con = psycopg2.connect(**self._params, connection_factory=_Connection)
         try:
             con.autocommit = True
-            with con.cursor() as cursor:
-                cursor.execute(f"LISTEN {JOBS_CHANNEL}; LISTEN {DONE_CHANNEL}")
         except BaseException:
             con.close()
             raise
         return con
+
+    def _want(self, channel: str) -> None:
+        """Note that this process's waits are for ``channel`` (claimers: new jobs,
+        result readers: outcomes), so its connections listen to what it needs only."""
+        pid, channels = self._wants
+        if pid != os.getpid():
+            self._wants = (os.getpid(), {channel})
+        elif channel not in channels:
+            channels.add(channel)
 
     def _is_disconnect(self, exc: BaseException) -> bool:
         return _disconnected(exc)
@@ -308,6 +324,7 @@ class PostgresBroker(ServerBroker):
     def claim(
         self, worker: str, queues: Sequence[str], limit: int, lease_seconds: float, now: float
     ) -> list[ClaimedJob]:
+        self._want(JOBS_CHANNEL)
         doubts = self._take_doubts()
         if doubts:
             self._give_back_doubts(doubts, now)
@@ -483,6 +500,7 @@ class PostgresBroker(ServerBroker):
         return int(rows[0][0]) if rows else 0
 
     def fetch(self, job_id: str) -> JobRecord | None:
+        self._want(DONE_CHANNEL)
         rows = self._run(f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = %s", (job_id,))
         return _job_record(rows[0]) if rows else None
 
@@ -588,16 +606,32 @@ class PostgresBroker(ServerBroker):
     def wait(self, timeout: float) -> None:
         """Return when a ``NOTIFY`` arrives (a submission, an outcome...) or after ``timeout``.
 
-        Every pooled connection listens, so a notification that arrived while this
-        process ran another query is not lost: it ends the next wait at once.
+        A connection used for waiting starts listening to what this process waits for
+        (new jobs once it has claimed, outcomes once it has read a job, both before
+        either) and keeps listening, so a notification that arrives while it runs
+        other queries ends the next wait at once. The wait that adds a channel returns
+        at once: what was committed before the ``LISTEN`` must be looked for again.
+        Connections never used for waiting listen to nothing, so a ``NOTIFY`` wakes only
+        the sessions that care.
         """
         if self._changed:
             self._changed = False
             return
         deadline = time.monotonic() + timeout
+        pid, channels = self._wants
+        wanted = frozenset(channels) if pid == os.getpid() and channels else CHANNELS
 
         def work(con: Any) -> None:
             raw = con.dbapi_connection
+            missing = wanted - raw.listening
+            if missing:
+                cursor = con.cursor()
+                try:
+                    cursor.execute("; ".join(f"LISTEN {name}" for name in sorted(missing)))
+                finally:
+                    cursor.close()
+                raw.listening = raw.listening | missing
+                return
             while True:
                 raw.poll()
                 if raw.notifies:
