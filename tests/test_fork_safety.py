@@ -206,11 +206,15 @@ def test_fork_context_process_pools_give_each_worker_its_own_session(
     pool = PooledDB(target.module, 1, **target.kwargs)
     parent = use_pool(pool, target.name, 1)
     _inherited[:] = [pool, target]  # reaches the workers through fork, not pickling
-    with context.Pool(2) as workers:
-        seen = workers.map(_session_in_worker, range(8), chunksize=1)
-    assert parent[0] not in seen
-    assert len(set(seen)) <= 2
-    assert use_pool(pool, target.name, 1) == parent
+    try:
+        with context.Pool(2) as workers:
+            seen = workers.map(_session_in_worker, range(8), chunksize=1)
+        assert parent[0] not in seen
+        assert len(set(seen)) <= 2
+        assert use_pool(pool, target.name, 1) == parent
+    finally:
+        _inherited.clear()
+        pool.close()
 
 
 _inherited: list[Any] = []
