@@ -121,7 +121,9 @@ def _psycopg_in_transaction(con: Any) -> bool | None:
 
 def _pymysql_in_transaction(con: Any) -> bool | None:
     if con._sock is None:
-        return False
+        # PyMySQL drops its socket when the connection breaks: "cannot tell" makes the
+        # pool roll back, which fails and replaces the connection before it is reused.
+        return None
     # The server's last status: IN_TRANS (1) is reliable when set, but a read-only
     # transaction holding a snapshot is not reported. Only AUTOCOMMIT (2) without
     # IN_TRANS proves there is none.

@@ -346,3 +346,50 @@ def test_an_unreachable_server_fails_fast_and_frees_the_slot() -> None:
         with pytest.raises(psycopg2.OperationalError):
             pool.connection()
     assert pool.stats()["in_use"] == 0
+
+
+# -- broken connections ---------------------------------------------------------------
+
+
+def _kill_session(target: Any, session: int) -> None:
+    admin = target.connect()
+    try:
+        cursor = admin.cursor()
+        if target.kind == "postgres":
+            cursor.execute("SELECT pg_terminate_backend(%s)", (session,))
+        else:
+            cursor.execute(f"KILL CONNECTION {int(session)}")
+    finally:
+        admin.close()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "mysql"])
+def test_a_connection_killed_by_the_server_is_replaced_after_its_failed_use(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Even with ping=0 and no failover, the broken connection does not go back idle."""
+    target = request.getfixturevalue(kind)
+    if kind == "postgres":
+        driver = pytest.importorskip("psycopg2")
+        session_sql = "SELECT pg_backend_pid()"
+    else:
+        driver = pytest.importorskip("pymysql")
+        session_sql = "SELECT CONNECTION_ID()"
+    pool = PooledDB(driver, maxconnections=1, ping=0, **target.kwargs)
+
+    def session() -> int:
+        with pool.connection() as db:
+            cursor = db.cursor()
+            with cursor.no_failover():
+                cursor.execute(session_sql)
+                return int(cursor.fetchone()[0])
+
+    first = session()
+    _kill_session(target, first)
+    with pytest.raises(driver.Error):
+        for _ in range(3):  # the server may need a moment to act on the kill
+            session()
+            time.sleep(0.05)
+    assert session() not in (first, None)
+    assert pool.stats()["reconnects"] == 1
+    pool.close()
