@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from workers.errors import BrokerURLError
@@ -246,6 +247,43 @@ class WorkerInfo:
     jobs_done: int
     current_job: str | None = None
     stats: Mapping[str, Any] = field(default_factory=dict)
+
+    #: The ``forksafe_workers`` columns, in the order of :meth:`to_row` and :meth:`from_row`.
+    COLUMNS: ClassVar[str] = (
+        "id, hostname, pid, supervisor_pid, queues, started_at, heartbeat_at,"
+        " jobs_done, current_job, stats"
+    )
+
+    def to_row(self) -> tuple[Any, ...]:
+        """The values of :attr:`COLUMNS`, as every broker stores them."""
+        return (
+            self.id,
+            self.hostname,
+            self.pid,
+            self.supervisor_pid,
+            ",".join(self.queues),
+            self.started_at,
+            self.heartbeat_at,
+            self.jobs_done,
+            self.current_job,
+            json.dumps(dict(self.stats), default=str),
+        )
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> WorkerInfo:
+        """Rebuild a worker from a row of :attr:`COLUMNS`."""
+        return cls(
+            id=row[0],
+            hostname=row[1],
+            pid=row[2],
+            supervisor_pid=row[3],
+            queues=tuple(row[4].split(",")) if row[4] else (),
+            started_at=row[5],
+            heartbeat_at=row[6],
+            jobs_done=int(row[7]),
+            current_job=row[8],
+            stats=json.loads(row[9]),
+        )
 
 
 class Broker(ABC):

@@ -571,23 +571,11 @@ class PostgresBroker(ServerBroker):
 
     def report_worker(self, info: WorkerInfo) -> None:
         self._run(
-            "INSERT INTO forksafe_workers (id, hostname, pid, supervisor_pid, queues,"
-            " started_at, heartbeat_at, jobs_done, current_job, stats)"
+            f"INSERT INTO forksafe_workers ({WorkerInfo.COLUMNS})"
             " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO UPDATE SET"
             " heartbeat_at = excluded.heartbeat_at, jobs_done = excluded.jobs_done,"
             " current_job = excluded.current_job, stats = excluded.stats",
-            (
-                info.id,
-                info.hostname,
-                info.pid,
-                info.supervisor_pid,
-                ",".join(info.queues),
-                info.started_at,
-                info.heartbeat_at,
-                info.jobs_done,
-                info.current_job,
-                json.dumps(dict(info.stats), default=str),
-            ),
+            info.to_row(),
             retry=False,
         )
 
@@ -595,11 +583,8 @@ class PostgresBroker(ServerBroker):
         self._run("DELETE FROM forksafe_workers WHERE id = %s", (worker,), retry=False)
 
     def workers(self) -> list[WorkerInfo]:
-        rows = self._run(
-            "SELECT id, hostname, pid, supervisor_pid, queues, started_at, heartbeat_at,"
-            " jobs_done, current_job, stats FROM forksafe_workers ORDER BY started_at"
-        )
-        return [_worker_info(row) for row in rows]
+        rows = self._run(f"SELECT {WorkerInfo.COLUMNS} FROM forksafe_workers ORDER BY started_at")
+        return [WorkerInfo.from_row(row) for row in rows]
 
     # -- waiting ------------------------------------------------------------------
 
@@ -669,19 +654,4 @@ def _job_record(row: Sequence[Any]) -> JobRecord:
         result=bytes(row[15]) if row[15] is not None else None,
         error=json.loads(row[16]) if row[16] else None,
         traceback=row[17],
-    )
-
-
-def _worker_info(row: Sequence[Any]) -> WorkerInfo:
-    return WorkerInfo(
-        id=row[0],
-        hostname=row[1],
-        pid=row[2],
-        supervisor_pid=row[3],
-        queues=tuple(row[4].split(",")) if row[4] else (),
-        started_at=row[5],
-        heartbeat_at=row[6],
-        jobs_done=int(row[7]),
-        current_job=row[8],
-        stats=json.loads(row[9]),
     )

@@ -502,23 +502,11 @@ class SQLiteBroker(Broker):
     def report_worker(self, info: WorkerInfo) -> None:
         with self._write() as cursor:
             cursor.execute(
-                "INSERT INTO forksafe_workers (id, hostname, pid, supervisor_pid, queues,"
-                " started_at, heartbeat_at, jobs_done, current_job, stats)"
+                f"INSERT INTO forksafe_workers ({WorkerInfo.COLUMNS})"
                 " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET"
                 " heartbeat_at = excluded.heartbeat_at, jobs_done = excluded.jobs_done,"
                 " current_job = excluded.current_job, stats = excluded.stats",
-                (
-                    info.id,
-                    info.hostname,
-                    info.pid,
-                    info.supervisor_pid,
-                    ",".join(info.queues),
-                    info.started_at,
-                    info.heartbeat_at,
-                    info.jobs_done,
-                    info.current_job,
-                    json.dumps(dict(info.stats), default=str),
-                ),
+                info.to_row(),
             )
 
     def remove_worker(self, worker: str) -> None:
@@ -526,25 +514,8 @@ class SQLiteBroker(Broker):
             cursor.execute("DELETE FROM forksafe_workers WHERE id = ?", (worker,))
 
     def workers(self) -> list[WorkerInfo]:
-        rows = self._read(
-            "SELECT id, hostname, pid, supervisor_pid, queues, started_at, heartbeat_at,"
-            " jobs_done, current_job, stats FROM forksafe_workers ORDER BY started_at"
-        )
-        return [
-            WorkerInfo(
-                id=row[0],
-                hostname=row[1],
-                pid=row[2],
-                supervisor_pid=row[3],
-                queues=tuple(row[4].split(",")) if row[4] else (),
-                started_at=row[5],
-                heartbeat_at=row[6],
-                jobs_done=row[7],
-                current_job=row[8],
-                stats=json.loads(row[9]),
-            )
-            for row in rows
-        ]
+        rows = self._read(f"SELECT {WorkerInfo.COLUMNS} FROM forksafe_workers ORDER BY started_at")
+        return [WorkerInfo.from_row(row) for row in rows]
 
     # -- waiting ------------------------------------------------------------------
 
