@@ -77,6 +77,7 @@ def celery_conf(tmp_path: Path) -> dict[str, Any]:
             "data_folder_in": str(queue),
             "data_folder_out": str(queue),
             "processed_folder": str(queue / "processed"),
+            "control_folder": str(tmp_path / "control"),  # default: ./control in the cwd
             "polling_interval": 0.05,
         },
         "result_backend": f"file://{tmp_path / 'results'}",
