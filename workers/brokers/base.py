@@ -232,6 +232,46 @@ class JobRecord:
     error: Mapping[str, Any] | None
     traceback: str | None
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any], copy_blobs: bool = False) -> JobRecord:
+        """Rebuild a job from a row of the brokers' job columns, in field order.
+
+        ``copy_blobs`` turns ``payload`` and ``result`` into :class:`bytes`: the server
+        drivers may return binary columns as ``memoryview`` or ``bytearray``, while
+        SQLite already returns :class:`bytes` and its values are kept as they are.
+        """
+        return cls(
+            id=row[0],
+            task=row[1],
+            queue=row[2],
+            state=row[3],
+            priority=row[4],
+            payload=bytes(row[5]) if copy_blobs else row[5],
+            serializer=row[6],
+            eta=row[7],
+            expires_at=row[8],
+            retries=row[9],
+            deliveries=row[10],
+            worker=row[11],
+            created_at=row[12],
+            started_at=row[13],
+            finished_at=row[14],
+            result=bytes(row[15]) if copy_blobs and row[15] is not None else row[15],
+            error=json.loads(row[16]) if row[16] else None,
+            traceback=row[17],
+        )
+
+
+def worker_lost_error(max_deliveries: int) -> str:
+    """The ``error`` (JSON) stored on a job that failed because its worker kept dying."""
+    return json.dumps(
+        {
+            "type": "workers.errors.WorkerLostError",
+            "message": f"the worker running this job died {max_deliveries} times",
+            "args": [],
+        }
+    )
+
 
 @dataclass(frozen=True)
 class WorkerInfo:

@@ -55,6 +55,7 @@ from workers.brokers.base import (
     NewJob,
     Outcome,
     WorkerInfo,
+    worker_lost_error,
 )
 from workers.brokers.doorbell import SUPPORTED as DOORBELL_SUPPORTED
 from workers.brokers.doorbell import Doorbell
@@ -221,10 +222,6 @@ class MySQLBroker(ServerBroker):
 
         return self._attempt(work, retry, [])
 
-    def _count(self, sql: str, params: Sequence[Any], retry: bool) -> int:
-        rows = self._run(sql, params, retry)
-        return int(rows[0]) if rows else 0
-
     # -- schema -------------------------------------------------------------------
 
     def setup(self) -> None:
@@ -265,22 +262,7 @@ class MySQLBroker(ServerBroker):
                         "CREATE TABLE IF NOT EXISTS forksafe_schema (version INT NOT NULL)"
                     )
                     current = version(cursor)
-                    if current > SCHEMA_VERSION:
-                        raise BrokerError(
-                            f"the queue in {self.url.masked()} has schema version {current}, "
-                            f"newer than this workers version understands ({SCHEMA_VERSION}); "
-                            f"upgrade forksafe"
-                        )
-                    for number in range(current + 1, SCHEMA_VERSION + 1):
-                        for statement in MIGRATIONS[number]:
-                            cursor.execute(statement)
-                        cursor.execute("DELETE FROM forksafe_schema")
-                        cursor.execute(
-                            "INSERT INTO forksafe_schema (version) VALUES (%s)", (number,)
-                        )
-                        log.info(
-                            "queue schema in %s migrated to version %d", self.url.masked(), number
-                        )
+                    self._migrate(cursor, current, SCHEMA_VERSION, MIGRATIONS, log)
                 finally:
                     cursor.execute("SELECT RELEASE_LOCK('forksafe_schema')")
 
@@ -500,13 +482,6 @@ class MySQLBroker(ServerBroker):
             [*values, now],
         )
 
-    def extend_leases(self, worker: str, lease_seconds: float, now: float) -> int:
-        return self._count(
-            "UPDATE forksafe_jobs SET lease_until = %s WHERE worker = %s AND state = 'STARTED'",
-            (now + lease_seconds, worker),
-            retry=False,
-        )
-
     def release(self, worker: str, job_ids: Sequence[str], now: float) -> int:
         if not job_ids:
             return 0
@@ -549,13 +524,7 @@ class MySQLBroker(ServerBroker):
     def _release_where(
         self, where: str, params: tuple[Any, ...], max_deliveries: int, now: float
     ) -> int:
-        lost = json.dumps(
-            {
-                "type": "workers.errors.WorkerLostError",
-                "message": f"the worker running this job died {max_deliveries} times",
-                "args": [],
-            }
-        )
+        lost = worker_lost_error(max_deliveries)
         # Single-table UPDATE assigns left to right: deliveries is read before any change.
         return self._count(
             "UPDATE forksafe_jobs SET lease = NULL, lease_until = NULL,"
@@ -570,7 +539,7 @@ class MySQLBroker(ServerBroker):
 
     def fetch(self, job_id: str) -> JobRecord | None:
         rows = self._run(f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = %s", (job_id,))
-        return _job_record(rows[0]) if rows else None
+        return JobRecord.from_row(rows[0], copy_blobs=True) if rows else None
 
     def revoke(self, job_id: str, now: float) -> bool:
         revoked = (
@@ -613,15 +582,7 @@ class MySQLBroker(ServerBroker):
             rows = self._run(
                 f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs ORDER BY seq DESC LIMIT %s", (limit,)
             )
-        return [_job_record(row) for row in rows]
-
-    def counts(self, now: float) -> dict[str, dict[str, int]]:
-        result: dict[str, dict[str, int]] = {}
-        for queue, state, number in self._run(
-            "SELECT queue, state, COUNT(*) FROM forksafe_jobs GROUP BY queue, state"
-        ):
-            result.setdefault(queue, {})[state] = int(number)
-        return result
+        return [JobRecord.from_row(row, copy_blobs=True) for row in rows]
 
     def outstanding(self, queues: Sequence[str], now: float) -> int:
         rows = self._run(
@@ -659,13 +620,6 @@ class MySQLBroker(ServerBroker):
             retry=False,
         )
 
-    def remove_worker(self, worker: str) -> None:
-        self._run("DELETE FROM forksafe_workers WHERE id = %s", (worker,), retry=False)
-
-    def workers(self) -> list[WorkerInfo]:
-        rows = self._run(f"SELECT {WorkerInfo.COLUMNS} FROM forksafe_workers ORDER BY started_at")
-        return [WorkerInfo.from_row(row) for row in rows]
-
     # -- waiting ------------------------------------------------------------------
 
     def _busy(self) -> None:
@@ -692,26 +646,3 @@ class MySQLBroker(ServerBroker):
             except OSError:
                 self._doorbell = None  # cannot use it here: poll instead
         time.sleep(pause)
-
-
-def _job_record(row: Sequence[Any]) -> JobRecord:
-    return JobRecord(
-        id=row[0],
-        task=row[1],
-        queue=row[2],
-        state=row[3],
-        priority=row[4],
-        payload=bytes(row[5]),
-        serializer=row[6],
-        eta=row[7],
-        expires_at=row[8],
-        retries=row[9],
-        deliveries=row[10],
-        worker=row[11],
-        created_at=row[12],
-        started_at=row[13],
-        finished_at=row[14],
-        result=bytes(row[15]) if row[15] is not None else None,
-        error=json.loads(row[16]) if row[16] else None,
-        traceback=row[17],
-    )

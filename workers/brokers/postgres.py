@@ -52,9 +52,9 @@ from workers.brokers.base import (
     NewJob,
     Outcome,
     WorkerInfo,
+    worker_lost_error,
 )
 from workers.brokers.server import ServerBroker
-from workers.errors import BrokerError
 
 log = logging.getLogger("workers.brokers.postgres")
 
@@ -214,10 +214,6 @@ class PostgresBroker(ServerBroker):
 
         return self._attempt(work, retry, [])
 
-    def _count(self, sql: str, params: Sequence[Any], retry: bool) -> int:
-        rows = self._run(sql, params, retry)
-        return int(rows[0]) if rows else 0
-
     def _note_notifies(self, con: Any) -> None:
         notifies = con.dbapi_connection.notifies
         if notifies:
@@ -249,22 +245,7 @@ class PostgresBroker(ServerBroker):
                         "CREATE TABLE IF NOT EXISTS forksafe_schema (version integer NOT NULL)"
                     )
                     current = self._schema_version(cursor)
-                    if current > SCHEMA_VERSION:
-                        raise BrokerError(
-                            f"the queue in {self.url.masked()} has schema version {current}, "
-                            f"newer than this workers version understands ({SCHEMA_VERSION}); "
-                            f"upgrade forksafe"
-                        )
-                    for version in range(current + 1, SCHEMA_VERSION + 1):
-                        for statement in MIGRATIONS[version]:
-                            cursor.execute(statement)
-                        cursor.execute("DELETE FROM forksafe_schema")
-                        cursor.execute(
-                            "INSERT INTO forksafe_schema (version) VALUES (%s)", (version,)
-                        )
-                        log.info(
-                            "queue schema in %s migrated to version %d", self.url.masked(), version
-                        )
+                    self._migrate(cursor, current, SCHEMA_VERSION, MIGRATIONS, log)
                     cursor.execute("COMMIT")
                 except BaseException:
                     if not con.dbapi_connection.closed:
@@ -437,13 +418,6 @@ class PostgresBroker(ServerBroker):
         kept = {row[0] for row in rows}
         return [outcome.job_id in kept for outcome in outcomes]
 
-    def extend_leases(self, worker: str, lease_seconds: float, now: float) -> int:
-        return self._count(
-            "UPDATE forksafe_jobs SET lease_until = %s WHERE worker = %s AND state = 'STARTED'",
-            (now + lease_seconds, worker),
-            retry=False,
-        )
-
     def release(self, worker: str, job_ids: Sequence[str], now: float) -> int:
         if not job_ids:
             return 0
@@ -479,13 +453,7 @@ class PostgresBroker(ServerBroker):
     def _release_where(
         self, where: str, params: tuple[Any, ...], max_deliveries: int, now: float
     ) -> int:
-        lost = json.dumps(
-            {
-                "type": "workers.errors.WorkerLostError",
-                "message": f"the worker running this job died {max_deliveries} times",
-                "args": [],
-            }
-        )
+        lost = worker_lost_error(max_deliveries)
         rows = self._run(
             "WITH changed AS (UPDATE forksafe_jobs SET lease = NULL, lease_until = NULL,"
             " state = CASE WHEN deliveries >= %s THEN 'FAILURE' ELSE 'PENDING' END,"
@@ -502,7 +470,7 @@ class PostgresBroker(ServerBroker):
     def fetch(self, job_id: str) -> JobRecord | None:
         self._want(DONE_CHANNEL)
         rows = self._run(f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = %s", (job_id,))
-        return _job_record(rows[0]) if rows else None
+        return JobRecord.from_row(rows[0], copy_blobs=True) if rows else None
 
     def revoke(self, job_id: str, now: float) -> bool:
         rows = self._run(
@@ -539,15 +507,7 @@ class PostgresBroker(ServerBroker):
             rows = self._run(
                 f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs ORDER BY seq DESC LIMIT %s", (limit,)
             )
-        return [_job_record(row) for row in rows]
-
-    def counts(self, now: float) -> dict[str, dict[str, int]]:
-        result: dict[str, dict[str, int]] = {}
-        for queue, state, number in self._run(
-            "SELECT queue, state, count(*) FROM forksafe_jobs GROUP BY queue, state"
-        ):
-            result.setdefault(queue, {})[state] = int(number)
-        return result
+        return [JobRecord.from_row(row, copy_blobs=True) for row in rows]
 
     def outstanding(self, queues: Sequence[str], now: float) -> int:
         rows = self._run(
@@ -578,13 +538,6 @@ class PostgresBroker(ServerBroker):
             info.to_row(),
             retry=False,
         )
-
-    def remove_worker(self, worker: str) -> None:
-        self._run("DELETE FROM forksafe_workers WHERE id = %s", (worker,), retry=False)
-
-    def workers(self) -> list[WorkerInfo]:
-        rows = self._run(f"SELECT {WorkerInfo.COLUMNS} FROM forksafe_workers ORDER BY started_at")
-        return [WorkerInfo.from_row(row) for row in rows]
 
     # -- waiting ------------------------------------------------------------------
 
@@ -632,26 +585,3 @@ class PostgresBroker(ServerBroker):
         if self._outage_since is not None:  # unreachable: do not spin
             time.sleep(max(0.0, timeout - (time.monotonic() - start)))
         self._changed = False
-
-
-def _job_record(row: Sequence[Any]) -> JobRecord:
-    return JobRecord(
-        id=row[0],
-        task=row[1],
-        queue=row[2],
-        state=row[3],
-        priority=row[4],
-        payload=bytes(row[5]),
-        serializer=row[6],
-        eta=row[7],
-        expires_at=row[8],
-        retries=row[9],
-        deliveries=row[10],
-        worker=row[11],
-        created_at=row[12],
-        started_at=row[13],
-        finished_at=row[14],
-        result=bytes(row[15]) if row[15] is not None else None,
-        error=json.loads(row[16]) if row[16] else None,
-        traceback=row[17],
-    )

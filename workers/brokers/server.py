@@ -46,12 +46,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 from forksafe import PooledDB
-from workers.brokers.base import Broker, BrokerURL
+from workers.brokers.base import Broker, BrokerURL, WorkerInfo
 from workers.errors import BrokerError, BrokerURLError
 
 log = logging.getLogger("workers.brokers")
@@ -140,6 +140,15 @@ class ServerBroker(Broker):
     def _is_disconnect(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the connection or the server is gone (an outage)."""
         raise NotImplementedError
+
+    def _run(self, sql: str, params: Sequence[Any] = (), retry: bool = True) -> list[Any]:
+        """One statement through :meth:`_attempt`: its rows, or ``[rowcount]`` without any."""
+        raise NotImplementedError
+
+    def _count(self, sql: str, params: Sequence[Any], retry: bool) -> int:
+        """How many rows a statement changed (its ``[rowcount]``), 0 if it was skipped."""
+        rows = self._run(sql, params, retry)
+        return int(rows[0]) if rows else 0
 
     def limit_connections(self, own: int, forked: int, budget: int | None = None) -> None:
         """Cap this process's connections at ``own`` and each forked child's at ``forked``.
@@ -281,6 +290,59 @@ class ServerBroker(Broker):
     def _take_doubts(self) -> list[tuple[str, str]]:
         doubts, self._unsure = self._unsure, []
         return doubts
+
+    # -- schema -------------------------------------------------------------------
+
+    def _migrate(
+        self,
+        cursor: Any,
+        current: int,
+        target: int,
+        migrations: Mapping[int, Sequence[str]],
+        logger: logging.Logger,
+    ) -> None:
+        """Bring the queue schema from version ``current`` to ``target`` on ``cursor``.
+
+        The caller holds the server's migration lock. A schema newer than ``target`` is
+        refused: this code would not know what the newer columns mean. Each step is
+        logged on ``logger``, the broker module's own.
+        """
+        if current > target:
+            raise BrokerError(
+                f"the queue in {self.url.masked()} has schema version {current}, "
+                f"newer than this workers version understands ({target}); "
+                f"upgrade forksafe"
+            )
+        for version in range(current + 1, target + 1):
+            for statement in migrations[version]:
+                cursor.execute(statement)
+            cursor.execute("DELETE FROM forksafe_schema")
+            cursor.execute("INSERT INTO forksafe_schema (version) VALUES (%s)", (version,))
+            logger.info("queue schema in %s migrated to version %d", self.url.masked(), version)
+
+    # -- statements the two servers write alike ----------------------------------
+
+    def extend_leases(self, worker: str, lease_seconds: float, now: float) -> int:
+        return self._count(
+            "UPDATE forksafe_jobs SET lease_until = %s WHERE worker = %s AND state = 'STARTED'",
+            (now + lease_seconds, worker),
+            retry=False,
+        )
+
+    def counts(self, now: float) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for queue, state, number in self._run(
+            "SELECT queue, state, count(*) FROM forksafe_jobs GROUP BY queue, state"
+        ):
+            result.setdefault(queue, {})[state] = int(number)
+        return result
+
+    def remove_worker(self, worker: str) -> None:
+        self._run("DELETE FROM forksafe_workers WHERE id = %s", (worker,), retry=False)
+
+    def workers(self) -> list[WorkerInfo]:
+        rows = self._run(f"SELECT {WorkerInfo.COLUMNS} FROM forksafe_workers ORDER BY started_at")
+        return [WorkerInfo.from_row(row) for row in rows]
 
     # -- Broker hooks -------------------------------------------------------------
 

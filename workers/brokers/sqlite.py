@@ -40,6 +40,7 @@ from workers.brokers.base import (
     NewJob,
     Outcome,
     WorkerInfo,
+    worker_lost_error,
 )
 from workers.brokers.doorbell import SUPPORTED as DOORBELL_SUPPORTED
 from workers.brokers.doorbell import Doorbell
@@ -411,13 +412,7 @@ class SQLiteBroker(Broker):
     def _release_where(
         self, cursor: Any, where: str, params: tuple[Any, ...], max_deliveries: int, now: float
     ) -> int:
-        lost = json.dumps(
-            {
-                "type": "workers.errors.WorkerLostError",
-                "message": f"the worker running this job died {max_deliveries} times",
-                "args": [],
-            }
-        )
+        lost = worker_lost_error(max_deliveries)
         cursor.execute(
             "UPDATE forksafe_jobs SET lease = NULL, lease_until = NULL,"
             " state = CASE WHEN deliveries >= ? THEN 'FAILURE' ELSE 'PENDING' END,"
@@ -430,7 +425,7 @@ class SQLiteBroker(Broker):
 
     def fetch(self, job_id: str) -> JobRecord | None:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = ?", (job_id,))
-        return _job_record(rows[0]) if rows else None
+        return JobRecord.from_row(rows[0]) if rows else None
 
     def revoke(self, job_id: str, now: float) -> bool:
         with self._write(ring=True) as cursor:
@@ -465,7 +460,7 @@ class SQLiteBroker(Broker):
             rows = self._read(
                 f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs ORDER BY rowid DESC LIMIT ?", [limit]
             )
-        return [_job_record(row) for row in rows]
+        return [JobRecord.from_row(row) for row in rows]
 
     def counts(self, now: float) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}
@@ -565,26 +560,3 @@ class SQLiteBroker(Broker):
         close = getattr(self._pool, "close", None)
         if callable(close):
             close()
-
-
-def _job_record(row: Sequence[Any]) -> JobRecord:
-    return JobRecord(
-        id=row[0],
-        task=row[1],
-        queue=row[2],
-        state=row[3],
-        priority=row[4],
-        payload=row[5],
-        serializer=row[6],
-        eta=row[7],
-        expires_at=row[8],
-        retries=row[9],
-        deliveries=row[10],
-        worker=row[11],
-        created_at=row[12],
-        started_at=row[13],
-        finished_at=row[14],
-        result=row[15],
-        error=json.loads(row[16]) if row[16] else None,
-        traceback=row[17],
-    )
