@@ -2,7 +2,8 @@
 
 ``broker_url(kind, tmp_path, request)`` gives a URL to an empty queue: a new SQLite
 file, or the xdist worker's database on the shared server with the queue tables
-dropped. ``table_rows(url, sql)`` runs SQL on the queue's database, whatever it is.
+dropped. ``table_rows(url, sql)`` runs SQL on the queue's database, whatever it is;
+``job(id)`` builds a job to submit.
 """
 
 from __future__ import annotations
@@ -14,8 +15,22 @@ from typing import Any
 
 import pytest
 
+from workers.brokers import NewJob
+
 KINDS = ("sqlite", "postgres", "mysql")
 TABLES = ("forksafe_jobs", "forksafe_workers", "forksafe_schema")
+
+
+def job(job_id: str, **options: object) -> NewJob:
+    """A no-op ``add`` job with id ``job_id``; ``options`` override its fields."""
+    fields: dict[str, object] = {
+        "task": "add",
+        "queue": "default",
+        "payload": b'{"args":[],"kwargs":{}}',
+        "serializer": "json",
+    }
+    fields.update(options)
+    return NewJob(id=job_id, **fields)  # type: ignore[arg-type]
 
 
 def drop_queue(database: Any) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import KINDS, broker_url
+from brokers import KINDS, broker_url, job
 
 from workers import states
-from workers.brokers import Broker, NewJob, Outcome, WorkerInfo, create_broker
+from workers.brokers import Broker, Outcome, WorkerInfo, create_broker
 
 
 @pytest.fixture(params=KINDS)
@@ -30,17 +30,6 @@ def broker(url: str) -> Broker:
     made = create_broker(url)
     made.setup()
     return made
-
-
-def job(job_id: str, **options: object) -> NewJob:
-    fields: dict[str, object] = {
-        "task": "add",
-        "queue": "default",
-        "payload": b'{"args":[],"kwargs":{}}',
-        "serializer": "json",
-    }
-    fields.update(options)
-    return NewJob(id=job_id, **fields)  # type: ignore[arg-type]
 
 
 def test_setup_is_idempotent_and_concurrent_setups_agree(url: str) -> None:

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from brokers import job
 
 from workers import states
-from workers.brokers import NewJob, Outcome, create_broker, mask_url, parse_url
+from workers.brokers import Outcome, create_broker, mask_url, parse_url
 from workers.brokers.base import BROKER_CLASSES
 from workers.brokers.doorbell import SUPPORTED as DOORBELL_SUPPORTED
 from workers.brokers.doorbell import Doorbell
@@ -24,17 +25,6 @@ def make_broker(tmp_path: Path) -> SQLiteBroker:
     assert isinstance(broker, SQLiteBroker)
     broker.setup()
     return broker
-
-
-def job(job_id: str, **options: object) -> NewJob:
-    fields: dict[str, object] = {
-        "task": "add",
-        "queue": "default",
-        "payload": b'{"args":[],"kwargs":{}}',
-        "serializer": "json",
-    }
-    fields.update(options)
-    return NewJob(id=job_id, **fields)  # type: ignore[arg-type]
 
 
 def test_schema_is_created_once_and_its_version_recorded(tmp_path: Path) -> None:
