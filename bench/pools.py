@@ -41,6 +41,7 @@ import logging
 import os
 import platform
 import signal
+import socket
 import statistics
 import sys
 import threading
@@ -85,13 +86,23 @@ class FakeCursor:
 
 
 class FakeConnection:
-    """Does nothing; no ``in_transaction`` attribute, so no pool can skip the rollback."""
+    """Does nothing; no ``in_transaction`` attribute, so no pool can skip the rollback.
 
-    def __init__(self, live: Callable[[str, int], None], database: str) -> None:
+    With ``sockets``, each connection holds one end of a socket pair and reports it by
+    ``fileno()``, as psycopg does, so fork hooks have a real descriptor to deal with.
+    """
+
+    def __init__(self, live: Callable[[str, int], None], database: str, sockets: bool) -> None:
         self._live = live
         self._database = database
         self._open = True
+        self._sockets = socket.socketpair() if sockets else ()
         live(database, 1)
+
+    def fileno(self) -> int:
+        if not self._sockets:
+            raise AttributeError("fileno")  # drivers without a socket
+        return self._sockets[0].fileno()
 
     def cursor(self) -> FakeCursor:
         return FakeCursor()
@@ -108,10 +119,12 @@ class FakeConnection:
     def close(self) -> None:
         if self._open:
             self._open = False
+            for sock in self._sockets:
+                sock.close()
             self._live(self._database, -1)
 
 
-def make_fake_module() -> types.ModuleType:
+def make_fake_module(sockets: bool = False) -> types.ModuleType:
     """A module-like DB-API 2 driver whose connections count themselves while open."""
     mod = types.ModuleType("fakedb")
     mod.apilevel = "2.0"
@@ -148,7 +161,7 @@ def make_fake_module() -> types.ModuleType:
             mod.live[database] = mod.live.get(database, 0) + delta
 
     def connect(database: str = "", **kwargs: Any) -> FakeConnection:
-        return FakeConnection(live, database)
+        return FakeConnection(live, database, sockets)
 
     mod.connect = connect
     return mod
@@ -933,7 +946,7 @@ def measure_fork(count: int) -> dict[str, Any]:
     logging.getLogger("forksafe").setLevel(logging.ERROR)
     os.register_at_fork(after_in_child=lambda: _CHILD_MARKS.append(time.perf_counter_ns()))
     faulthandler.enable()  # inherited by children: a hung one prints its stack on SIGABRT
-    fake = make_fake_module()
+    fake = make_fake_module(sockets=True)
     time_forks(3)  # warm up
     blocks = 10 if count >= 50 else 5
     per_block = max(2, count // blocks)
@@ -1149,7 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
         fork["seconds"] = round(time.time() - began, 1)
         print(
             f"\n### fork: {fork['pools']} forksafe pools, {fork['idle_connections']} idle fake"
-            f" connections; median of {fork['forks']} x (fork + child os._exit(0) + waitpid),"
+            f" connections, each with a socket; median of {fork['forks']} x"
+            " (fork + child os._exit(0) + waitpid),"
             " alternating blocks with and without pools"
         )
         print(f"  without pools   {fork['fork_ns_without_pools'] / 1000:10.1f} us")

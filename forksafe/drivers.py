@@ -16,6 +16,10 @@ finaliser ever runs on it. This module is the only place that knows driver inter
 
 :func:`transaction_probe` picks, per driver, how to tell whether a connection has a
 transaction open (``None`` where the driver cannot tell), so pools roll back only when needed.
+
+:func:`track` / :func:`untrack` keep a table of the sockets of this process's open
+connections, so that the fork hook can blind them all in a child (:func:`blind_inherited`)
+with one system call each, without touching a connection object.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-__all__ = ["discard", "socket_fd", "transaction_probe"]
+__all__ = ["blind_inherited", "discard", "socket_fd", "track", "transaction_probe", "untrack"]
 
 # Connections that could not be detached: referenced forever so no finaliser runs.
 _kept_alive: list[Any] = []
+
+# id(owner) -> (fd, inode) of the socket of every open connection this process made.
+_sockets: dict[int, tuple[int, int]] = {}
 
 
 def _module_of(con: Any) -> str:
@@ -94,6 +101,53 @@ def discard(*cons: Any) -> None:
     finally:
         if devnull >= 0:
             os.close(devnull)
+
+
+def track(owner: object, con: Any) -> None:
+    """Remember the socket of ``con`` (held by ``owner``) for :func:`blind_inherited`."""
+    fd = socket_fd(con)
+    if fd is None:
+        _sockets.pop(id(owner), None)
+        return
+    try:
+        _sockets[id(owner)] = (fd, os.fstat(fd).st_ino)
+    except OSError:
+        _sockets.pop(id(owner), None)
+
+
+def untrack(owner: object) -> None:
+    """Forget the socket remembered for ``owner``."""
+    _sockets.pop(id(owner), None)
+
+
+def blind_inherited() -> int:
+    """In a forked child: point every tracked socket at /dev/null; return how many.
+
+    Runs in the fork hook, so it reads only the table (no connection object is touched,
+    which would copy its memory page). A descriptor is blinded only if it still refers
+    to the same socket (same inode), since a driver may have replaced its socket since.
+    The connections themselves are discarded later, by their pool's reset in this process.
+    """
+    sockets = list(_sockets.values())
+    _sockets.clear()
+    if not sockets:
+        return 0
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+    except OSError:
+        return 0
+    blinded = 0
+    try:
+        for fd, inode in sockets:
+            try:
+                if os.fstat(fd).st_ino == inode:
+                    os.dup2(devnull, fd)
+                    blinded += 1
+            except OSError:
+                continue
+    finally:
+        os.close(devnull)
+    return blinded
 
 
 def _blind(fd: int, devnull: int) -> bool:

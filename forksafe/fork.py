@@ -9,13 +9,21 @@ idle connections) register themselves in a weak set and implement three methods:
 ``_fork_parent()``
     runs in the parent after fork: release that lock;
 ``_fork_child()``
-    runs in the child after fork: give the object fresh locks and discard, never close,
-    every inherited connection (see :mod:`forksafe.drivers`).
+    the reset, run in the child at the object's first use there: give the object fresh
+    locks and discard, never close, every inherited connection (see
+    :mod:`forksafe.drivers`).
 
-Some forks do not run Python's hooks (uWSGI forks its workers from C), so every object
-also remembers the pid it belongs to and calls its own reset when it is first used in
-another process; :func:`after_fork` runs those resets explicitly. Both paths are
-idempotent: an object is reset at most once per process.
+Every object remembers the pid it belongs to and calls its own reset when it is first
+used in another process. That one mechanism serves every kind of fork, including those
+that run no Python hook (uWSGI forks its workers from C); :func:`after_fork` runs the
+resets at once. A reset runs at most once per process.
+
+The child-side hook itself only blinds the inherited sockets: each one is pointed at
+/dev/null with one system call, from a table of descriptors, so nothing the child does
+can reach the parent's sessions. It touches no pool and no connection object: in a
+forked child every first write to an object copies its memory page, so a hook that
+walked the pools would cost the fork about a millisecond for ten pools of ten
+connections, and a child that never uses a pool would pay it for nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
+
+from forksafe import drivers
 
 log = logging.getLogger("forksafe")
 
@@ -142,8 +152,10 @@ class ProcessBound:
 
 _registry: weakref.WeakSet[ForkAware] = weakref.WeakSet()
 _registry_lock = threading.Lock()
-# Objects whose lock the prepare hook took, released in the same process after fork.
+# Objects whose lock the prepare hook took, released in the parent after fork.
 _prepared: list[ForkAware] = []
+# In a child, the parent's list: kept referenced, not released (see _after_in_child).
+_inherited: list[ForkAware] = []
 
 
 def register(obj: ForkAware) -> None:
@@ -188,31 +200,24 @@ def _prepare() -> None:
         _prepared.append(obj)
 
 
-def _release_prepared() -> list[ForkAware]:
+def _after_in_parent() -> None:
     objs = list(_prepared)
     _prepared.clear()
     for obj in objs:
         obj._fork_parent()
     _registry_lock.release()
-    return objs
-
-
-def _after_in_parent() -> None:
-    _release_prepared()
 
 
 def _after_in_child() -> None:
-    # The child owns copies of the locks the parent took: release them, then reset.
+    # The child holds copies of the locks the prepare hook took. The objects' own locks
+    # are replaced by their reset at first use; releasing them here, or even dropping
+    # the references to them, would write to every pool's memory page.
+    global _registry_lock, _reset_lock, _prepared, _inherited
     note_process()
-    objs = _release_prepared()
-    global _registry_lock, _reset_lock
+    _inherited, _prepared = _prepared, []
     _registry_lock = threading.Lock()
     _reset_lock = threading.Lock()
-    for obj in objs:
-        try:
-            obj._fork_child()
-        except Exception:
-            log.exception("forksafe: resetting %r after fork failed", obj)
+    drivers.blind_inherited()
 
 
 def after_fork() -> None:

@@ -7,8 +7,10 @@ proxies and errors), so ``from dbutils.pooled_db import PooledDB`` becomes
 * **Fork.** The pool belongs to the process that uses it. In a forked child every
   inherited idle connection is discarded without a byte sent to the server (the parent
   keeps its sessions), a connection checked out before the fork is inert, and the child
-  opens its own connections on first use. This happens through ``os.register_at_fork``
-  and, for forks that skip Python's hooks (uWSGI), through a pid check at every checkout.
+  opens its own connections on first use. The fork hook points the child's copies of
+  the sockets at /dev/null at once; the pool resets itself at its first use in the
+  child, through the pid check at every checkout, which also covers forks that run no
+  Python hook (uWSGI's).
 * **Lazy.** Creating a pool opens nothing; ``mincached`` connections are made on the
   first :meth:`PooledDB.connection` in the process that uses the pool, or by
   :meth:`PooledDB.warm`. A pool built at import time in a prefork master is born empty
@@ -138,7 +140,9 @@ class _Family:
         self.warned = False
 
     def idle(self) -> int:
-        return sum(len(pool._idle) for pool in list(self.pools))
+        """Idle connections of the family's pools that belong to this process."""
+        pid = fork.getpid()
+        return sum(len(pool._idle) for pool in list(self.pools) if pool._pid == pid)
 
     def borrow(self, pool: PooledDB) -> SteadyDBConnection | None:
         """Take an idle connection from a sibling of ``pool`` in this process, if any."""
@@ -576,6 +580,7 @@ class PooledDB(fork.ProcessBound):
             )
 
     def _release_lease(self, proxy: object, dropped: bool) -> None:
+        self._checkpid()  # a proxy checked out before a fork may be closed in the child
         with self._mutex:
             lease = self._leases.pop(id(proxy), None)
         if lease is None:

@@ -304,6 +304,7 @@ class SteadyDBConnection:
         if self._pid:
             self._reconnects += 1
         self._con = con
+        drivers.track(self, con)
         self._in_transaction = drivers.transaction_probe(con)
         self._transaction = False
         self._closed = False
@@ -326,15 +327,14 @@ class SteadyDBConnection:
 
     def _close(self) -> None:
         """Close the driver connection; in a process that did not open it, discard it."""
-        if not self._closed:
-            self._closed = True
-            self._transaction = False
-            con, self._con = self._con, None
-            if self._pid == fork.getpid():
-                with suppress(Exception):
-                    con.close()
-            else:
-                drivers.discard(con)
+        con = self._detach()
+        if con is None:
+            return
+        if self._pid == fork.getpid():
+            with suppress(Exception):
+                con.close()
+        else:
+            drivers.discard(con)
 
     def _detach(self) -> Any:
         """Mark closed and hand over the driver connection (None if already closed)."""
@@ -343,6 +343,7 @@ class SteadyDBConnection:
         self._closed = True
         self._transaction = False
         con, self._con = self._con, None
+        drivers.untrack(self)
         return con
 
     def _discard(self) -> None:

@@ -9,6 +9,8 @@ are gone once they exit.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +24,7 @@ from fork_scenarios import use_pool as use_pool
 from forking import fork_child
 
 import forksafe
-from forksafe import PooledDB
+from forksafe import PooledDB, drivers
 
 HERE = Path(__file__).parent
 
@@ -223,3 +225,51 @@ _inherited: list[Any] = []
 def _session_in_worker(_: int) -> int:
     pool, target = _inherited
     return use_pool(pool, target.name, 1)[0]
+
+
+def _fd_target(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_the_fork_hook_blinds_every_inherited_socket_before_the_pool_is_used(
+    target: Target,
+) -> None:
+    """Idle and checked-out sockets alike point at /dev/null in the child at once."""
+    pool = PooledDB(target.module, 2, **target.kwargs)
+    pool.warm()
+    held = pool.connection()
+    fds = [drivers.socket_fd(con._con) for con in [*pool._idle, held._con]]
+    assert all(fd is not None for fd in fds)
+    parent = {fd: _fd_target(fd) for fd in fds}
+
+    def child() -> dict[str, Any]:
+        blinded = {fd: _fd_target(fd) for fd in fds}
+        return {"blinded": blinded, "session": use_pool(pool, target.name, 1)}
+
+    try:
+        got = fork_child(child)
+        assert set(got["blinded"].values()) == {os.devnull}
+        assert all(path.startswith("socket:") for path in parent.values())
+        assert {fd: _fd_target(fd) for fd in fds} == parent
+        assert got["session"] != use_pool(pool, target.name, 1)
+    finally:
+        held.close()
+        pool.close()
+
+
+def test_the_fork_hook_leaves_a_reused_descriptor_alone(tmp_path: Path) -> None:
+    """A driver that replaced its socket left a stale number; whatever now has it is kept."""
+    first, peer = socket.socketpair()
+    owner = object()
+    drivers.track(owner, first)
+    stale = first.fileno()
+    first.close()
+    peer.close()
+    with open(tmp_path / "kept", "w") as reused:
+        assert reused.fileno() == stale, "the descriptor number was not reused"
+        try:
+            got = fork_child(lambda: _fd_target(stale))
+        finally:
+            drivers.untrack(owner)
+    assert got == str(tmp_path / "kept")
