@@ -408,6 +408,10 @@ def contenders(backend: str) -> tuple[list[Contender], dict[str, str]]:
         "pg": "psycopg2/psycopg have no ping(): DBUtils and forksafe drop the ping=1 check",
         "mysql": "ping=1 is a COM_PING round trip at every checkout",
     }[backend]
+    forksafe_ping = {
+        "mysql": "ping=1 polls the idle socket at every checkout: a COM_PING round trip"
+        " only when the server wrote to it, i.e. is closing the session",
+    }.get(backend, ping)
     notes = {
         "raw": "one driver connection reused, no pool; cycle ends with rollback(), "
         + rollback
@@ -422,7 +426,7 @@ def contenders(backend: str) -> tuple[list[Contender], dict[str, str]]:
         "SQLAlchemy QueuePool": "pool_size=4, max_overflow=0; reset-on-return rollback;"
         " no ping (pre_ping is off by default).",
         "forksafe PooledDB": "maxconnections=4, blocking=True, reset=True, ping=1 ("
-        + ping
+        + forksafe_ping
         + "); the rollback on return is skipped only when the driver reports no open"
         " transaction"
         + (" (never here: the fake driver cannot tell)." if backend == "fake" else "."),

@@ -16,6 +16,7 @@ finaliser ever runs on it. This module is the only place that knows driver inter
 
 :func:`transaction_probe` picks, per driver, how to tell whether a connection has a
 transaction open (``None`` where the driver cannot tell), so pools roll back only when needed.
+:func:`quiet_probe` picks a local liveness check that lets a ``ping`` skip its round trip.
 
 :func:`track` / :func:`untrack` keep a table of the sockets of this process's open
 connections, so that the fork hook can blind them all in a child (:func:`blind_inherited`)
@@ -25,11 +26,20 @@ with one system call each, without touching a connection object.
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-__all__ = ["blind_inherited", "discard", "socket_fd", "track", "transaction_probe", "untrack"]
+__all__ = [
+    "blind_inherited",
+    "discard",
+    "quiet_probe",
+    "socket_fd",
+    "track",
+    "transaction_probe",
+    "untrack",
+]
 
 # Connections that could not be detached: referenced forever so no finaliser runs.
 _kept_alive: list[Any] = []
@@ -203,3 +213,31 @@ def transaction_probe(con: Any) -> Callable[[Any], bool | None]:
     if module.startswith("pymysql"):
         return _pymysql_in_transaction
     return _generic_in_transaction
+
+
+_QUIET_EVENTS = select.POLLIN | select.POLLPRI if hasattr(select, "poll") else 0
+
+
+def _pymysql_quiet(con: Any) -> bool:
+    sock = con._sock
+    if sock is None or not _QUIET_EVENTS:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), _QUIET_EVENTS)
+    return not poller.poll(0)
+
+
+def quiet_probe(con: Any) -> Callable[[Any], bool] | None:
+    """A local check that stands in for a ping's round trip, or None for this driver.
+
+    The MySQL protocol never sends an idle client anything unasked: the server writes to
+    an idle session's socket only as it closes it (``KILL``, ``wait_timeout``, shutdown,
+    restart). So while the socket of an idle PyMySQL connection has nothing to read, the
+    session is alive as far as a ``COM_PING`` could tell, short of a silent network
+    failure that would make the ping itself hang. The check is one ``poll()`` with no
+    timeout; when it returns False, ask the server (ping). PostgreSQL sends idle
+    sessions notifications and parameter changes, so it gets no such probe.
+    """
+    if _module_of(con).startswith("pymysql"):
+        return _pymysql_quiet
+    return None

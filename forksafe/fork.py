@@ -77,8 +77,14 @@ def _wipe_on_fork_page() -> mmap.mmap | None:
     return page
 
 
-_page = _wipe_on_fork_page()
-_cached_pid = os.getpid()
+_wiped_page = _wipe_on_fork_page()
+_wipes = _wiped_page is not None
+
+#: ``page[0]`` is true only in the process that last set :data:`cached_pid`: the kernel
+#: zeroes the page in every child. Hot paths inline :func:`getpid` as ``cached_pid if
+#: page[0] else getpid()``. Where pages cannot be wiped, ``page[0]`` is always 0.
+page: mmap.mmap | bytearray = _wiped_page if _wiped_page is not None else bytearray(1)
+cached_pid = os.getpid()
 
 
 def getpid() -> int:
@@ -89,13 +95,12 @@ def getpid() -> int:
     wipes in every child is not. Where the kernel cannot wipe pages, falls back to
     ``os.getpid()``.
     """
-    global _cached_pid
-    page = _page
-    if page is not None and page[0]:
-        return _cached_pid
+    global cached_pid
+    if page[0]:
+        return cached_pid
     pid = os.getpid()
-    if page is not None:
-        _cached_pid = pid
+    if _wipes:
+        cached_pid = pid
         page[0] = 1
     return pid
 

@@ -67,6 +67,9 @@ from forksafe.errors import (
 )
 from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor
 
+# Read by the inlined pid checks on the hot path; see fork.getpid().
+_page = fork.page
+
 __all__ = [
     "InvalidConnection",
     "InvalidConnectionError",
@@ -283,6 +286,7 @@ class PooledDB(fork.ProcessBound):
         self._shared_cache: list[SharedDBConnection] = []
         self._shared_pending = 0
         self._warm = not self._mincached
+        self._checkouts = 0  # kept out of _stats: counted on the hot path
         self._leases: dict[int, _Lease] = {}
         self._stats = dict.fromkeys(
             (
@@ -291,7 +295,6 @@ class PooledDB(fork.ProcessBound):
                 "connections_discarded_after_fork",
                 "connections_recycled",
                 "reconnects",
-                "checkouts",
                 "waits",
                 "wait_ms",
                 "timeouts",
@@ -415,31 +418,43 @@ class PooledDB(fork.ProcessBound):
         seconds if set (then :class:`PoolTimeoutError`). Connect errors from the driver
         propagate; the slot they took is given back.
         """
-        if self._pid != fork.getpid():
+        if not _page[0] or self._pid != fork.cached_pid:  # fork.getpid(), inlined
             self._checkpid()
         if not self._warm:
             self.warm()
         if shareable and self._maxshared:
             return self._shared_connection()
-        lock = self._mutex
         idle = self._idle
-        with lock:  # critical section: take a slot and an idle connection
+        with self._mutex:  # critical section: take a slot and an idle connection
             if self._maxconnections and self._connections >= self._maxconnections:
                 self._wait_for_slot()
             self._connections += 1
-            self._stats["checkouts"] += 1
+            self._checkouts += 1
             con = idle.popleft() if idle else None
+        if con is None or self._recycling:
+            con = self._fit(con)
+        elif con._ping & 1:
+            try:
+                con._ping_check()
+            except BaseException:
+                self._give_back_slot()
+                raise
+        proxy = _new_proxy(PooledDedicatedDBConnection)  # no __init__ call: hot path
+        proxy._pool = self
+        proxy._con = con
+        if self._leaktime is not None:
+            self._lease(proxy)
+        return proxy
+
+    def _fit(self, con: SteadyDBConnection | None) -> SteadyDBConnection:
+        """Borrow, open or recycle a connection for a checkout that holds a slot."""
         try:
             if con is None:
                 con = self._family.borrow(self)
-            if con is None or self._recycling:
-                con = self._ready(con)
-            elif con._ping & 1:
-                con._ping_check()
+            return self._ready(con)
         except BaseException:
             self._give_back_slot()
             raise
-        return PooledDedicatedDBConnection(self, con)
 
     def _wait_for_slot(self) -> None:
         deadline = self._deadline()
@@ -490,7 +505,7 @@ class PooledDB(fork.ProcessBound):
                     continue
                 shared.share()
                 break
-            self._stats["checkouts"] += 1
+            self._checkouts += 1
         if shared is not None:
             shared.con._ping_check()
             return PooledSharedDBConnection(self, shared)
@@ -528,14 +543,14 @@ class PooledDB(fork.ProcessBound):
 
     def cache(self, con: SteadyDBConnection) -> None:
         """Return a connection: roll back as ``reset`` says, then keep or close it."""
-        if con._pid != fork.getpid():
+        if (not _page[0] or con._pid != fork.cached_pid) and con._pid != fork.getpid():
             con._discard()  # checked out before a fork: not ours to reuse or close
             return
         if con._reconnects:
             self._stats["reconnects"] += con._reconnects
             con._reconnects = 0
         if self._reset or con._transaction:
-            con._reset(force=self._reset)
+            con._reset(self._reset)
         idle = self._idle
         with self._mutex:  # critical section: hand back the slot, keep or drop
             self._connections -= 1
@@ -617,6 +632,7 @@ class PooledDB(fork.ProcessBound):
         self._checkpid()
         with self._mutex:
             stats = dict(self._stats)
+            stats["checkouts"] = self._checkouts
             stats["in_use"] = self._connections
             stats["idle"] = len(self._idle)
             stats["shared"] = len(self._shared_cache)
@@ -656,6 +672,9 @@ class PooledDB(fork.ProcessBound):
 
 
 _ProxyT = TypeVar("_ProxyT", bound="_PooledProxy")
+
+# Makes a proxy without running an __init__ (a Python call); the pool sets its fields.
+_new_proxy = object.__new__
 
 
 class _PooledProxy:
@@ -709,11 +728,7 @@ class PooledDedicatedDBConnection(_PooledProxy):
     connection itself (and is reported when the pool has a ``leaktime``).
     """
 
-    def __init__(self, pool: PooledDB, con: SteadyDBConnection) -> None:
-        self._pool = pool
-        self._con = con
-        if pool._leaktime is not None:
-            pool._lease(self)
+    _pool: PooledDB
 
     def close(self) -> None:
         """Return the connection to the pool. Idempotent."""

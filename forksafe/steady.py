@@ -8,7 +8,10 @@ statement once; inside a transaction (after :meth:`~SteadyDBConnection.begin`) i
 because the work done so far is lost. It reopens the connection after ``maxusage``
 operations, runs ``setsession`` statements on every (re)connect and pings according to
 the ``ping`` flags (0 never, 1 when ``_ping_check()`` is called, i.e. when a pool hands it
-out, 2 when a cursor is created, 4 when a statement is executed, 7 always).
+out, 2 when a cursor is created, 4 when a statement is executed, 7 always). Where the
+driver allows (PyMySQL), a ping first polls the socket and skips the server round trip
+when nothing arrived on it, since a MySQL server writes to an idle session only as it
+closes it (see :func:`forksafe.drivers.quiet_probe`).
 
 This is DBUtils' SteadyDB with the same parameters, defaults and behaviour, plus one
 guarantee: a connection remembers the process that opened it. Used in another process
@@ -306,6 +309,7 @@ class SteadyDBConnection:
         self._con = con
         drivers.track(self, con)
         self._in_transaction = drivers.transaction_probe(con)
+        self._quiet = drivers.quiet_probe(con)
         self._transaction = False
         self._closed = False
         self._usage = 0
@@ -394,6 +398,13 @@ class SteadyDBConnection:
             self._check_process()
         alive: Any
         if self._pinger is None:
+            quiet = self._quiet
+            if quiet is not None:
+                try:
+                    if quiet(self._con):
+                        return True  # nothing arrived on the socket: no round trip needed
+                except Exception:
+                    pass
             try:
                 try:
                     alive = self._con.ping(False)

@@ -393,3 +393,43 @@ def test_a_connection_killed_by_the_server_is_replaced_after_its_failed_use(
     assert session() not in (first, None)
     assert pool.stats()["reconnects"] == 1
     pool.close()
+
+
+def test_a_pymysql_ping_asks_the_server_only_when_its_socket_has_news(mysql: Any) -> None:
+    """ping=1 polls the idle socket; a round trip happens only after the server wrote."""
+    pymysql = pytest.importorskip("pymysql")
+    pool = PooledDB(pymysql, maxconnections=1, **mysql.kwargs)  # ping=1, the default
+
+    def session() -> tuple[int, int]:
+        with pool.connection() as db:
+            cursor = db.cursor()
+            with cursor.no_failover():  # a replacement must come from the checkout's ping
+                cursor.execute("SELECT CONNECTION_ID()")
+                session_id = int(cursor.fetchone()[0])
+                cursor.execute("SHOW SESSION STATUS LIKE 'Com_admin_commands'")
+                return session_id, int(cursor.fetchone()[1])
+
+    first, pings_before = session()
+    for _ in range(5):
+        pool.connection().close()
+    again, pings_after = session()
+    assert again == first
+    assert pings_after == pings_before, "a checkout sent COM_PING to a quiet connection"
+    _kill_session(mysql, first)
+    assert poll(lambda: not _alive_mysql_session(mysql, first))
+    second, _ = session()
+    assert second != first
+    assert pool.stats()["reconnects"] == 1
+    pool.close()
+
+
+def _alive_mysql_session(target: Any, session: int) -> bool:
+    admin = target.connect()
+    try:
+        cursor = admin.cursor()
+        cursor.execute(
+            "SELECT COUNT(*) FROM information_schema.processlist WHERE id = %s", (session,)
+        )
+        return bool(cursor.fetchone()[0])
+    finally:
+        admin.close()
