@@ -677,6 +677,26 @@ _ProxyT = TypeVar("_ProxyT", bound="_PooledProxy")
 _new_proxy = object.__new__
 
 
+class _Forward:
+    """Reads one attribute of the steady connection behind a proxy.
+
+    DBUtils' proxies forward attributes with ``__getattr__``; a class with
+    ``__getattr__`` makes every attribute access on its instances take the interpreter's
+    slow path, the proxy's own methods included. The names forwarded are those a
+    :class:`SteadyDBConnection` has (its methods and its declared instance attributes).
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, proxy: _PooledProxy | None, owner: type | None = None) -> Any:
+        if proxy is None:
+            return self
+        return getattr(proxy._live(self.name), self.name)
+
+
 class _PooledProxy:
     """What both kinds of checked-out connection share: delegation to the steady
     connection while checked out, :class:`InvalidConnectionError` after ``close()``."""
@@ -686,10 +706,13 @@ class _PooledProxy:
     def close(self) -> None:
         raise NotImplementedError
 
-    def _live(self) -> SteadyDBConnection:
+    def _live(self, name: str = "") -> SteadyDBConnection:
         con = self._con
         if con is None:
-            raise InvalidConnectionError("this connection was already returned to its pool")
+            wanted = f"; cannot get {name!r}" if name else ""
+            raise InvalidConnectionError(
+                f"this connection was already returned to its pool{wanted}"
+            )
         return con
 
     def cursor(self, *args: Any, **kwargs: Any) -> SteadyDBCursor:
@@ -704,19 +727,19 @@ class _PooledProxy:
         """Roll back the current transaction."""
         self._live().rollback()
 
-    def __getattr__(self, name: str) -> Any:
-        con = self.__dict__.get("_con")
-        if con is not None:
-            return getattr(con, name)
-        raise InvalidConnectionError(
-            f"this connection was already returned to its pool; cannot get {name!r}"
-        )
-
     def __enter__(self: _ProxyT) -> _ProxyT:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_forwarded = {name for name in dir(SteadyDBConnection) if not name.startswith("__")}
+for _name in sorted(
+    (_forwarded | set(SteadyDBConnection.__annotations__)) - set(dir(_PooledProxy))
+):
+    setattr(_PooledProxy, _name, _Forward(_name))
+del _forwarded, _name
 
 
 class PooledDedicatedDBConnection(_PooledProxy):

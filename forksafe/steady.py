@@ -183,6 +183,33 @@ class SteadyDBConnection:
     parameter, and whatever the driver raises when the first connect fails.
     """
 
+    # Every instance attribute is declared here: a pool's proxies forward these names.
+    _con: Any
+    _closed: bool
+    _creator: Callable[..., Any]
+    _dbapi: Any
+    _threadsafety: int | None
+    _maxusage: int
+    _setsession_sql: Sequence[str] | None
+    _failures: Any
+    _failure: Any
+    _isfatal: Callable[[Exception], bool] | None
+    _ping: int
+    _pinger: Pinger | None
+    _closeable: bool
+    _args: tuple[Any, ...]
+    _kwargs: dict[str, Any]
+    _transaction: bool
+    _usage: int
+    _pid: int
+    _generation: int
+    _created_at: float
+    _reconnects: int
+    _jitter: float  # fraction of a pool's maxage this connection may live
+    _idle_since: float  # when a pool last took it back
+    _in_transaction: Callable[[Any], bool | None]
+    _quiet: Callable[[Any], bool] | None
+
     def __init__(
         self,
         creator: Any,
@@ -195,10 +222,8 @@ class SteadyDBConnection:
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        self._con: Any = None
+        self._con = None
         self._closed = True
-        self._dbapi: Any
-        self._creator: Callable[..., Any]
         try:
             self._creator = creator.connect
             dbapi = getattr(creator, "dbapi", None)
@@ -210,7 +235,7 @@ class SteadyDBConnection:
                 module = sys.modules.get(getattr(creator, "__module__", None) or "")
                 if module is not None and getattr(module, "connect", None) == creator:
                     self._dbapi = module
-        self._threadsafety: int | None = getattr(creator, "threadsafety", None)
+        self._threadsafety = getattr(creator, "threadsafety", None)
         if self._threadsafety is None:
             self._threadsafety = getattr(self._dbapi, "threadsafety", None)
         if not callable(self._creator):
@@ -234,8 +259,8 @@ class SteadyDBConnection:
             and not (isinstance(failures, type) and issubclass(failures, Exception))
         ):
             raise TypeError(f"failures={failures!r} must be an exception class or a tuple of them")
-        self._failures: Any = failures
-        self._failure: Any = None
+        self._failures = failures
+        self._failure = None
         if isfatal is not None and not callable(isfatal):
             raise TypeError(f"isfatal={isfatal!r} must be a callable")
         self._isfatal = isfatal
@@ -248,8 +273,8 @@ class SteadyDBConnection:
         self._generation = -1
         self._created_at = 0.0
         self._reconnects = 0
-        self._jitter = 1.0  # fraction of a pool's maxage this connection may live
-        self._idle_since = 0.0  # when a pool last took it back
+        self._jitter = 1.0
+        self._idle_since = 0.0
         self._store(self._create())
         self._reconnects = 0
 

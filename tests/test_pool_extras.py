@@ -433,3 +433,16 @@ def _alive_mysql_session(target: Any, session: int) -> bool:
         return bool(cursor.fetchone()[0])
     finally:
         admin.close()
+
+
+def test_a_proxy_forwards_every_attribute_of_its_steady_connection() -> None:
+    pool = PooledDB(fakedb, 1)
+    proxy = pool.connection()
+    steady = proxy._con
+    names = set(vars(steady)) | {n for n in dir(steady) if not n.startswith("__")}
+    for name in names - {"_con", "close", "cursor", "commit", "rollback"}:
+        assert getattr(proxy, name) == getattr(steady, name), name
+    assert proxy._con._con is steady._con  # DBUtils' way to the driver connection
+    proxy.close()
+    with pytest.raises(forksafe.InvalidConnectionError, match="_transaction"):
+        _ = proxy._transaction
