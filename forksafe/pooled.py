@@ -717,7 +717,10 @@ class _PooledProxy:
 
     def cursor(self, *args: Any, **kwargs: Any) -> SteadyDBCursor:
         """A tough cursor on the connection."""
-        return SteadyDBCursor(self._live(), *args, **kwargs)
+        con = self._con
+        if con is None:
+            con = self._live("cursor")  # raises
+        return SteadyDBCursor(con, *args, **kwargs)
 
     def commit(self) -> None:
         """Commit the current transaction."""

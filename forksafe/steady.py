@@ -557,34 +557,38 @@ class SteadyDBConnection:
         transaction = self._transaction
         if not transaction and self._ping & 2:
             self._ping_check(2)
-        overused = False
+        if self._maxusage and self._usage >= self._maxusage and not transaction:
+            return self._cursor_failed(self._failure(), args, kwargs, overused=True)
         try:
-            if self._maxusage and self._usage >= self._maxusage and not transaction:
-                overused = True
-                raise self._failure
             return self._con.cursor(*args, **kwargs)
         except self._failures as error:
-            if not overused and not self._fatal_check(error):
-                raise
+            return self._cursor_failed(error, args, kwargs, overused=False)
+
+    def _cursor_failed(self, error: Exception, args: Any, kwargs: Any, overused: bool) -> Any:
+        """After ``cursor()`` failed (or ``maxusage`` was reached): reconnect and retry once
+        outside a transaction; inside one, reconnect for the next use and raise."""
+        if not overused and not self._fatal_check(error):
+            raise error
+        transaction = self._transaction
+        try:
+            con = self._create()
+        except Exception:
+            pass
+        else:
             try:
-                con = self._create()
+                cursor = con.cursor(*args, **kwargs)
             except Exception:
                 pass
             else:
-                try:
-                    cursor = con.cursor(*args, **kwargs)
-                except Exception:
-                    pass
-                else:
-                    self._replace(con)
-                    if transaction:
-                        raise error from None
-                    return cursor
-                with suppress(Exception):
-                    con.close()
-            if transaction:
-                self._transaction = False
-            raise error from None
+                self._replace(con)
+                if transaction:
+                    raise error from None
+                return cursor
+            with suppress(Exception):
+                con.close()
+        if transaction:
+            self._transaction = False
+        raise error from None
 
     def cursor(self, *args: Any, **kwargs: Any) -> SteadyDBCursor:
         """Return a tough cursor (see :class:`SteadyDBCursor`)."""
@@ -612,11 +616,17 @@ class SteadyDBCursor:
             raise TypeError(f"{con!r} is not a SteadyDBConnection")
         self._con = con
         self._args, self._kwargs = args, kwargs
-        self._cursor = con._cursor(*args, **kwargs)
-        self._closed = False
+        if con._generation == fork.generation and not con._ping & 2 and not con._maxusage:
+            try:  # the fast path of con._cursor()
+                cursor = con._con.cursor(*args, **kwargs)
+            except con._failures as error:
+                cursor = con._cursor_failed(error, args, kwargs, overused=False)
+        else:
+            cursor = con._cursor(*args, **kwargs)
+        self._bind(cursor)
 
     def _bind(self, cursor: Any) -> None:
-        """Make ``cursor`` (a replacement after failover) the driver cursor behind this one."""
+        """Make ``cursor`` (the first, or a replacement after failover) the driver cursor."""
         self._cursor = cursor
         self._closed = False
 
