@@ -151,6 +151,25 @@ def test_a_batch_of_outcomes_is_recorded_in_one_call(broker: Broker) -> None:
     assert record is not None and record.result == b"j7" and record.finished_at == now
 
 
+def test_outcomes_and_the_next_claim_go_together(broker: Broker) -> None:
+    now = time.time()
+    broker.enqueue([job("a"), job("b", priority=1), job("c")], now)
+    (first,) = broker.claim("w", ["default"], 1, 30, now)
+    assert first.id == "b"
+    done = Outcome(first.id, first.lease, states.SUCCESS, result=b"1")
+    stale = Outcome("a", "stale-lease", states.SUCCESS, result=b"x")
+    stored, claimed = broker.record_and_claim([done, stale], "w", ["default"], 5, 30, now)
+    assert stored == [True, False]
+    assert sorted(j.id for j in claimed) == ["a", "c"] and len({j.lease for j in claimed}) == 1
+    record = broker.fetch("b")
+    assert record is not None and record.state == states.SUCCESS and record.result == b"1"
+    outcomes = [Outcome(j.id, j.lease, states.SUCCESS, result=b"2") for j in claimed]
+    stored, claimed = broker.record_and_claim(outcomes, "w", ["default", "other"], 5, 30, now)
+    assert stored == [True, True] and claimed == []  # recorded even when nothing is left
+    assert broker.counts(now) == {"default": {states.SUCCESS: 3}}
+    assert broker.record_and_claim([], "w", ["default"], 5, 30, now) == ([], [])
+
+
 def test_heartbeats_keep_a_lease_alive(broker: Broker) -> None:
     now = time.time()
     broker.enqueue([job("j")], now)

@@ -1,6 +1,10 @@
 """The worker: the loop a forked child runs until it is told to stop.
 
 Claim a batch of due jobs, run each, record each outcome under its lease, repeat.
+The outcomes of a batch's last jobs are recorded together with the next claim
+(:meth:`~workers.brokers.base.Broker.record_and_claim`, one round trip on
+PostgreSQL), which follows at once: results are never held back while the worker
+waits or stops.
 A background thread heartbeats: it extends the leases of held jobs, reports the
 worker's row (jobs done, pool stats), and notices when the supervisor has died, in
 which case the worker gives its jobs back and exits, even from inside a task that
@@ -54,6 +58,9 @@ EXIT_ORPHANED = 71
 
 OUTCOME_FLUSH_SECONDS = 0.05
 """Outcomes of a prefetched batch are written together, but never held longer than this."""
+
+Done = tuple[ClaimedJob, Outcome, float]
+"""A finished job, how it ended and how long it ran (seconds)."""
 
 
 class Slot:
@@ -216,6 +223,15 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         log.debug("worker %s serving queues %s", self.id, ",".join(self.config.queues))
+        with broker.hold_connection():  # claims and waits on one session
+            self._loop(beat)
+        return self.exit_code
+
+    def _loop(self, beat: threading.Thread) -> None:
+        """Claim, run and record until told to stop; then give back what is left and
+        wait for the heartbeat thread ``beat`` to end."""
+        broker = self.app.broker
+        done: list[Done] = []  # finished, outcome not yet recorded
         try:
             while not self.stopping.is_set():
                 if os.getppid() != self.supervisor_pid:
@@ -225,31 +241,42 @@ class Worker:
                     self.exit_code = EXIT_ORPHANED
                     break
                 now = time.time()
-                jobs = broker.claim(
-                    self.id, self.config.queues, self._claim_limit(), self.app.lease_seconds, now
+                recorded, done = done, []
+                stored, jobs = broker.record_and_claim(
+                    [outcome for _, outcome, _ in recorded],
+                    self.id,
+                    self.config.queues,
+                    self._claim_limit(),
+                    self.app.lease_seconds,
+                    now,
                 )
+                self._recorded(recorded, stored)
                 if not jobs:
                     if self.config.burst and broker.outstanding(self.config.queues, now) == 0:
                         log.debug("worker %d: queue drained (burst)", self.pid)
                         break
                     broker.wait(self.config.idle_wait)
                     continue
-                self._run_batch(jobs)
+                done = self._run_batch(jobs)
                 if self._should_recycle():
                     self.exit_code = EXIT_RECYCLE
                     break
         finally:
             self.stopping.set()
-            if self._held:
-                broker.release(self.id, [job.id for job in self._held], time.time())
-            broker.remove_worker(self.id)
-            self._finished.set()
-            beat.join(timeout=self.config.heartbeat_interval + 1)
-        return self.exit_code
+            try:
+                self._flush(done)
+            finally:
+                if self._held:
+                    broker.release(self.id, [job.id for job in self._held], time.time())
+                broker.remove_worker(self.id)
+                self._finished.set()
+                beat.join(timeout=self.config.heartbeat_interval + 1)
 
-    def _run_batch(self, jobs: list[ClaimedJob]) -> None:
+    def _run_batch(self, jobs: list[ClaimedJob]) -> list[Done]:
+        """Run claimed jobs in order until done or stopping; return those whose outcome
+        is still to be recorded (outcomes are flushed every ``OUTCOME_FLUSH_SECONDS``)."""
         self._held = list(jobs)
-        done: list[tuple[ClaimedJob, Outcome, float]] = []
+        done: list[Done] = []
         last_flush = time.monotonic()
         while self._held:
             if self.stopping.is_set():
@@ -258,19 +285,21 @@ class Worker:
             started = time.monotonic()
             outcome = self.execute(job)
             self._held.pop(0)
+            self.jobs_done += 1
             done.append((job, outcome, time.monotonic() - started))
-            if not self._held or time.monotonic() - last_flush > OUTCOME_FLUSH_SECONDS:
+            if self._held and time.monotonic() - last_flush > OUTCOME_FLUSH_SECONDS:
                 self._flush(done)
                 done = []
                 last_flush = time.monotonic()
-        self._flush(done)
+        return done
 
-    def _flush(self, done: Sequence[tuple[ClaimedJob, Outcome, float]]) -> None:
-        if not done:
-            return
-        stored = self.app.broker.record([outcome for _, outcome, _ in done], time.time())
+    def _flush(self, done: Sequence[Done]) -> None:
+        if done:
+            self._recorded(done, self.app.broker.record([o for _, o, _ in done], time.time()))
+
+    def _recorded(self, done: Sequence[Done], stored: Sequence[bool]) -> None:
+        """Log each recorded outcome (``stored``: whether its lease was still current)."""
         for (job, outcome, seconds), kept in zip(done, stored, strict=True):
-            self.jobs_done += 1
             state = outcome.state if kept else f"{outcome.state} (dropped: lease lost)"
             extra = {
                 "task": job.task,
@@ -296,7 +325,8 @@ class Worker:
                     message,
                     extra=extra,
                 )
-        self.slot.beat(self.jobs_done)
+        if done:
+            self.slot.beat(self.jobs_done)
 
     def _claim_limit(self) -> int:
         """``prefetch``, but never more than the jobs left before ``max_tasks_per_child``."""

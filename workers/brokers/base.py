@@ -28,6 +28,7 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -374,6 +375,24 @@ class Broker(ABC):
         or already recorded) is dropped and reported ``False``.
         """
 
+    def record_and_claim(
+        self,
+        outcomes: Sequence[Outcome],
+        worker: str,
+        queues: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        now: float,
+    ) -> tuple[list[bool], list[ClaimedJob]]:
+        """:meth:`record` the ``outcomes``, then :meth:`claim` the next jobs.
+
+        What a worker does after each batch. A broker may do both in one round trip;
+        this default makes two calls. The outcomes are stored even when nothing is
+        claimed. Returns what :meth:`record` and :meth:`claim` return.
+        """
+        stored = self.record(outcomes, now) if outcomes else []
+        return stored, self.claim(worker, queues, limit, lease_seconds, now)
+
     @abstractmethod
     def extend_leases(self, worker: str, lease_seconds: float, now: float) -> int:
         """Push ``lease_until`` of every job ``worker`` holds to ``now + lease_seconds``."""
@@ -453,6 +472,15 @@ class Broker(ABC):
         import time
 
         time.sleep(timeout)
+
+    def hold_connection(self) -> AbstractContextManager[None]:
+        """A context in which this thread's operations keep to one connection.
+
+        A worker's loop runs in one: its claims, outcomes and waits then share one
+        session (on PostgreSQL the one that listens), instead of taking the pool's
+        connections in turn. The default does nothing.
+        """
+        return nullcontext()
 
     def stats(self) -> dict[str, Any]:
         """The broker's connection pool counters, if its pool keeps any."""

@@ -130,6 +130,7 @@ class ServerBroker(Broker):
         self._outage_pid = 0
         self._reached = False  # whether this broker ever reached its server
         self._unsure: list[tuple[str, str]] = []  # (worker, lease) of claims in doubt
+        self._held = threading.local()  # pid, con: the connection hold_connection() keeps
 
     # -- connections --------------------------------------------------------------
 
@@ -192,8 +193,42 @@ class ServerBroker(Broker):
         self._pool, self._pool_pid = pool, pid
         return pool
 
+    def _limit(self) -> int:
+        """This process's connection cap (0: none)."""
+        return self._own_limit if os.getpid() == self._owner_pid else self._forked_limit
+
+    @contextmanager
+    def hold_connection(self) -> Iterator[None]:
+        """This thread keeps the first connection it checks out until the block ends.
+
+        Unless this process may open only one connection: its other threads (a
+        worker's heartbeat) need it too, so the thread takes it from the pool each time.
+        A connection that fails is given back, and the next operation takes another.
+        """
+        if self._limit() == 1 or getattr(self._held, "pid", None) == os.getpid():
+            yield
+            return
+        self._held.pid, self._held.con = os.getpid(), None
+        try:
+            yield
+        finally:
+            con, self._held.pid, self._held.con = self._held.con, None, None
+            if con is not None:
+                con.close()
+
     @contextmanager
     def _connection(self) -> Iterator[Any]:
+        held = self._held
+        if getattr(held, "pid", None) == os.getpid():
+            if held.con is None:
+                held.con = self._process_pool().connection()
+            try:
+                yield held.con
+            except BaseException:
+                con, held.con = held.con, None
+                con.close()
+                raise
+            return
         con = self._process_pool().connection()
         try:
             yield con
@@ -351,8 +386,7 @@ class ServerBroker(Broker):
         stats: dict[str, Any] = (
             dict(pool.stats()) if pool is not None and self._pool_pid == os.getpid() else {}
         )
-        limit = self._own_limit if os.getpid() == self._owner_pid else self._forked_limit
-        stats["connection_limit"] = limit
+        stats["connection_limit"] = self._limit()
         if self._budget is not None:
             stats["fleet_budget"] = self._budget
         return stats
