@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import fresh_queue, server_url
+from brokers import end_sessions, fresh_queue, job, server_url
 from test_brokers_fleet import submit, write_fleet_tasks
 from test_workers_harness import FORKSAFE, load_tasks, wait_until
 
 from workers import states
-from workers.brokers import NewJob, create_broker
-from workers.brokers.postgres import PostgresBroker
+from workers.brokers import NewJob, Outcome, create_broker
+from workers.brokers.postgres import (
+    CLAIM_ONE_QUEUE,
+    RECORD_AND_CLAIM_ONE_QUEUE,
+    PostgresBroker,
+)
 
 pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
 
@@ -60,6 +64,87 @@ def test_the_claim_query_is_an_index_scan_of_the_due_index(queue: str, postgres:
     assert "Seq Scan" not in plan and "Sort" not in plan
     claimed = broker.claim("w", ["default"], 10, 30, now)
     assert [j.priority for j in claimed] == [2] * 10
+
+
+@pytest.mark.parametrize("statement", [CLAIM_ONE_QUEUE, RECORD_AND_CLAIM_ONE_QUEUE])
+def test_the_prepared_claim_plan_for_any_parameters_is_an_index_scan(
+    statement: Any, queue: str, postgres: Any
+) -> None:
+    """After a few runs PostgreSQL keeps one generic plan for a prepared statement:
+    that plan, made without the parameters' values, must walk the due index too."""
+    broker = create_broker(queue)
+    broker.setup()
+    now = time.time()
+    jobs = [NewJob(f"j{i}", "add", "default", b"{}", "json", eta=now - i) for i in range(20000)]
+    broker.enqueue(jobs, now)
+    con = postgres.connect()
+    try:
+        cursor = con.cursor()
+        cursor.execute("UPDATE forksafe_jobs SET state = 'SUCCESS' WHERE id NOT LIKE 'j1%'")
+        cursor.execute("ANALYZE forksafe_jobs")
+        cursor.execute("SET plan_cache_mode = force_generic_plan")
+        cursor.execute(statement.prepare_sql())
+        claim = ("w", "lease", now + 30, now, "default", 10)
+        outcomes = ([], [], [], [], [], [], [], now) if statement is not CLAIM_ONE_QUEUE else ()
+        cursor.execute("EXPLAIN " + statement.execute_sql(), (*outcomes, *claim))
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    finally:
+        con.close()
+    print(plan)
+    assert "Index Scan using forksafe_jobs_due on forksafe_jobs" in plan
+    assert "Seq Scan" not in plan and "Sort" not in plan
+
+
+def _heard(listener: Any) -> int:
+    """Notifications ``listener`` has received for transactions committed so far.
+
+    A listening session is signalled before the notifying commit returns; it sends
+    what it heard before its next query's reply, or, if busy, right after it."""
+    cursor = listener.cursor()
+    for _ in range(2):
+        cursor.execute("SELECT 1")
+    count = len(listener.notifies)
+    listener.notifies.clear()
+    return count
+
+
+def test_outcomes_notify_only_while_a_result_reader_listens(queue: str, postgres: Any) -> None:
+    broker = create_broker(queue)
+    broker.setup()
+    now = time.time()
+    broker.enqueue([job("a"), job("b")], now)
+    listener = postgres.connect()  # hears forksafe_done, but is not a result reader
+    try:
+        listener.cursor().execute("LISTEN forksafe_done")
+        (first,) = broker.claim("w", ["default"], 1, 30, now)
+        assert broker.record([Outcome(first.id, first.lease, states.SUCCESS)], now) == [True]
+        assert _heard(listener) == 0
+        reader = create_broker(queue)
+        assert reader.fetch("b") is not None
+        reader.wait(5)  # returns at once: it has just started to listen
+        (second,) = broker.claim("w", ["default"], 1, 30, now)
+        assert broker.record([Outcome(second.id, second.lease, states.SUCCESS)], now) == [True]
+        assert _heard(listener) == 1
+        reader.wait(5)  # woken by that notification
+        record = reader.fetch("b")
+        assert record is not None and record.state == states.SUCCESS
+        reader.close()
+    finally:
+        listener.close()
+
+
+def test_a_held_connection_the_server_ends_is_replaced(queue: str, postgres: Any) -> None:
+    broker = create_broker(queue)
+    broker.setup()
+    now = time.time()
+    broker.enqueue([job("a", priority=1), job("b")], now)
+    with broker.hold_connection():
+        assert [j.id for j in broker.claim("w", ["default"], 1, 30, now)] == ["a"]
+        end_sessions(postgres)
+        claimed = broker.claim("w", ["default"], 1, 30, now)
+        if not claimed:  # the claim that met the dead session gave up quietly
+            claimed = broker.claim("w", ["default"], 1, 30, now)
+        assert [j.id for j in claimed] == ["b"]
 
 
 @pytest.mark.timeout(120)

@@ -22,7 +22,16 @@ How it works:
   forksafe_done`` in the same statement that writes them. A connection a worker waits
   on listens to the first, one ``AsyncResult.get()`` waits on to the second, so
   an idle worker (or a result reader) wakes within a millisecond of the commit
-  instead of polling, and no other session is woken.
+  instead of polling. PostgreSQL wakes every listening session of the database for
+  any ``NOTIFY``, so outcomes notify only while a session listens for them (it holds
+  an advisory lock shared; the outcome's statement tries it exclusively).
+* **Prepared statements.** The statements run once or more per job (submit, claim,
+  record, record-and-claim, fetch) are prepared once per connection and then
+  executed by name with a generic plan: parsing and planning them cost the server
+  more than running them.
+* **Record and claim together.** A worker that finishes a batch writes its outcomes
+  and takes its next batch in one statement, so a job that arrives alone costs the
+  worker two round trips (claim, then record-and-claim), not three.
 * Connections run in autocommit mode: almost every operation is a single statement,
   one round trip. Statements that write are never silently retried on a new
   connection (a lost reply could hide a commit); see :mod:`workers.brokers.server`.
@@ -38,6 +47,7 @@ import os
 import select
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
@@ -60,6 +70,8 @@ log = logging.getLogger("workers.brokers.postgres")
 
 SCHEMA_VERSION = 1
 LOCK_KEY = 0x666F726B73616665  # "forksafe"
+READERS_KEY = LOCK_KEY + 1
+"""Advisory lock held (shared) by every session that listens to ``DONE_CHANNEL``."""
 JOBS_CHANNEL = "forksafe_jobs"
 DONE_CHANNEL = "forksafe_done"
 CHANNELS = frozenset({JOBS_CHANNEL, DONE_CHANNEL})
@@ -124,23 +136,158 @@ _JOB_COLUMNS = (
 
 def _notify(channel: str, where: str = "TRUE", name: str = "notified") -> str:
     """A CTE to append after a data-modifying CTE ``changed``: ``NOTIFY channel`` once,
-    in the same statement (so in the same commit), if a changed row matches ``where``."""
+    in the same statement (so in the same commit), if a changed row matches ``where``.
+
+    Outcomes are announced only while some session listens for them, which holds
+    ``READERS_KEY`` shared: if the exclusive lock is free, nobody would hear it.
+    """
+    gate = f" WHERE NOT pg_try_advisory_xact_lock({READERS_KEY})" if channel == DONE_CHANNEL else ""
     return (
         f", {name} AS MATERIALIZED (SELECT pg_notify('{channel}', '')"
-        f" FROM (SELECT 1 FROM changed WHERE {where} LIMIT 1) one)"
+        f" FROM (SELECT 1 FROM changed WHERE {where} LIMIT 1) one{gate})"
     )
 
 
-VALUES_ROWS = 50
-"""Up to this many rows are sent as VALUES lists; more as arrays through unnest()."""
 WORKER_ROW_TTL = 600.0
 """Seconds after its last heartbeat that the sweep forgets a worker row (a dead host's)."""
 
 
 class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]
-    """A psycopg2 connection that knows which channels it listens to."""
+    """A psycopg2 connection that knows which channels it listens to and which
+    statements it has prepared (both belong to its server session)."""
 
-    listening: frozenset[str] = frozenset()
+    def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(dsn, *args, **kwargs)
+        self.listening: frozenset[str] = frozenset()
+        self.prepared: set[str] = set()
+
+
+@dataclass(frozen=True)
+class _Statement:
+    """A statement run often enough to be worth preparing on each connection.
+
+    ``text`` refers to its parameters as ``$1``, ``$2``... of the given ``types``;
+    :meth:`PostgresBroker._run` prepares it the first time a connection runs it.
+    """
+
+    name: str
+    types: tuple[str, ...]
+    text: str
+
+    def prepare_sql(self) -> str:
+        return f"PREPARE {self.name} ({', '.join(self.types)}) AS {self.text}"
+
+    def execute_sql(self) -> str:
+        # Explicit casts: a list of NULLs would otherwise be text[], not bytea[].
+        marks = ", ".join(f"%s::{kind}" for kind in self.types)
+        return f"EXECUTE {self.name} ({marks})"
+
+
+_NEW_JOB_COLUMNS = (
+    "id, task, queue, state, priority, payload, serializer, run_at, expires_at, created_at"
+)
+_NEW_JOB_TYPES = ("text", "text", "text", "text", "integer", "bytea", "text") + ("float8",) * 3
+
+
+def _insert_jobs(source: str, now: str) -> str:
+    """Insert the jobs of ``source`` (rows of ``_NEW_JOB_COLUMNS``), skipping known ids;
+    ``NOTIFY`` once if one is due at ``now``. Returns the ids inserted."""
+    return (
+        f"WITH changed AS (INSERT INTO forksafe_jobs ({_NEW_JOB_COLUMNS}) {source}"
+        " ON CONFLICT (id) DO NOTHING RETURNING id, run_at)"
+        + _notify(JOBS_CHANNEL, f"run_at <= {now}")
+        + " SELECT id FROM changed LEFT JOIN notified ON true"
+    )
+
+
+ENQUEUE_ONE = _Statement(
+    "forksafe_enqueue_one",
+    (*_NEW_JOB_TYPES, "float8"),
+    _insert_jobs("VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", "$11"),
+)
+ENQUEUE_MANY = _Statement(
+    "forksafe_enqueue_many",
+    (*(f"{kind}[]" for kind in _NEW_JOB_TYPES), "float8"),
+    _insert_jobs(
+        "SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "$11",
+    ),
+)
+
+
+def _claim_jobs(first: int, queue_test: str) -> str:
+    """An ``UPDATE`` that claims due jobs; its parameters, from ``$first`` on: worker,
+    lease, lease_until, now, queue(s) (tested by ``queue_test``), limit."""
+    worker, lease, until, now, queues, limit = (f"${first + k}" for k in range(6))
+    return (
+        f"UPDATE forksafe_jobs SET state = 'STARTED', worker = {worker}, lease = {lease},"
+        f" lease_until = {until}, started_at = {now}, deliveries = deliveries + 1"
+        " WHERE id = ANY(ARRAY(SELECT id FROM forksafe_jobs"
+        f"  WHERE state IN {_WAITING} AND {queue_test.format(queues)} AND run_at <= {now}"
+        f"   AND (expires_at IS NULL OR expires_at > {now})"
+        f"  ORDER BY priority DESC, run_at LIMIT {limit} FOR UPDATE SKIP LOCKED))"
+        " RETURNING id, task, queue, payload, serializer, priority, retries, deliveries,"
+        " run_at"
+    )
+
+
+_CLAIM_TYPES = ("text", "text", "float8", "float8")
+_ONE_QUEUE = "queue = {}"
+_SOME_QUEUES = "queue = ANY({})"
+CLAIM_ONE_QUEUE = _Statement(
+    "forksafe_claim_one_queue",
+    (*_CLAIM_TYPES, "text", "integer"),
+    _claim_jobs(1, _ONE_QUEUE),
+)
+CLAIM_SOME_QUEUES = _Statement(
+    "forksafe_claim_some_queues",
+    (*_CLAIM_TYPES, "text[]", "integer"),
+    _claim_jobs(1, _SOME_QUEUES),
+)
+
+_OUTCOME_TYPES = ("text[]", "text[]", "text[]", "bytea[]", "text[]", "text[]", "float8[]", "float8")
+_RECORD = (
+    "WITH v (jid, jlease, jstate, jresult, jerror, jtraceback, jeta) AS"
+    " (SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7)),"
+    " changed AS (UPDATE forksafe_jobs j SET state = v.jstate, result = v.jresult,"
+    " error = v.jerror, traceback = v.jtraceback, lease = NULL, lease_until = NULL,"
+    " finished_at = CASE WHEN v.jstate = 'RETRY' THEN NULL ELSE $8 END,"
+    " run_at = CASE WHEN v.jstate = 'RETRY' THEN v.jeta ELSE j.run_at END,"
+    " retries = j.retries + (v.jstate = 'RETRY')::integer"
+    " FROM v WHERE j.id = ANY($1) AND j.id = v.jid AND j.lease = v.jlease"
+    " AND j.state = 'STARTED'"
+    " RETURNING j.id, j.state)"
+    + _notify(DONE_CHANNEL)
+    + _notify(JOBS_CHANNEL, "state = 'RETRY'", "requeued")
+)
+_KEPT = "SELECT id FROM changed LEFT JOIN notified ON true LEFT JOIN requeued ON true"
+RECORD = _Statement("forksafe_record", _OUTCOME_TYPES, f"{_RECORD} {_KEPT}")
+
+
+def _record_and_claim(queue_test: str) -> str:
+    """Outcomes as in ``RECORD``, then a claim (parameters from ``$9``, as in
+    ``_claim_jobs``). One row: the ids recorded (an array), then the columns of a
+    claimed job; one more row per further claimed job, or NULLs if none was claimed."""
+    return (
+        f"{_RECORD}, claimed AS ({_claim_jobs(9, queue_test)})"
+        f" SELECT kept.ids, claimed.* FROM (SELECT array_agg(id) AS ids FROM ({_KEPT}) k)"
+        " kept LEFT JOIN claimed ON true"
+    )
+
+
+RECORD_AND_CLAIM_ONE_QUEUE = _Statement(
+    "forksafe_record_and_claim_one_queue",
+    (*_OUTCOME_TYPES, *_CLAIM_TYPES, "text", "integer"),
+    _record_and_claim(_ONE_QUEUE),
+)
+RECORD_AND_CLAIM_SOME_QUEUES = _Statement(
+    "forksafe_record_and_claim_some_queues",
+    (*_OUTCOME_TYPES, *_CLAIM_TYPES, "text[]", "integer"),
+    _record_and_claim(_SOME_QUEUES),
+)
+FETCH = _Statement(
+    "forksafe_fetch", ("text",), f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = $1"
+)
 
 
 def _disconnected(exc: BaseException) -> bool:
@@ -148,6 +295,50 @@ def _disconnected(exc: BaseException) -> bool:
     if isinstance(exc, psycopg2.InterfaceError) or code is None:
         return True
     return str(code)[:2] in ("08", "57", "53")  # connection, operator intervention, resources
+
+
+def _queue_param(queues: Sequence[str]) -> Any:
+    """The queue parameter of a claim: a name for one queue, a list for several."""
+    return queues[0] if len(queues) == 1 else list(queues)
+
+
+def _outcome_columns(outcomes: Sequence[Outcome]) -> list[list[Any]]:
+    """Outcomes as the seven arrays ``RECORD`` takes (id, lease, state, result, error,
+    traceback, retry time)."""
+    columns: list[list[Any]] = [[] for _ in range(7)]
+    for outcome in outcomes:
+        row = (
+            outcome.job_id,
+            outcome.lease,
+            outcome.state,
+            None if outcome.result is None else psycopg2.Binary(outcome.result),
+            json.dumps(outcome.error) if outcome.error is not None else None,
+            outcome.traceback,
+            outcome.retry_at,
+        )
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
+
+def _claimed(rows: list[Any], lease: str) -> list[ClaimedJob]:
+    """Claimed rows (``id, task, queue, payload, serializer, priority, retries,
+    deliveries, run_at``) as jobs, highest priority then oldest first."""
+    rows.sort(key=lambda row: (-row[5], row[8]))
+    return [
+        ClaimedJob(
+            id=row[0],
+            task=row[1],
+            queue=row[2],
+            payload=bytes(row[3]),
+            serializer=row[4],
+            priority=row[5],
+            retries=row[6],
+            deliveries=row[7],
+            lease=lease,
+        )
+        for row in rows
+    ]
 
 
 class PostgresBroker(ServerBroker):
@@ -197,22 +388,38 @@ class PostgresBroker(ServerBroker):
     def _is_disconnect(self, exc: BaseException) -> bool:
         return _disconnected(exc)
 
-    def _run(self, sql: str, params: Sequence[Any] = (), retry: bool = True) -> list[Any]:
-        """One statement, never re-sent on a new connection by the pool; its rows."""
+    def _run(
+        self, sql: str | _Statement, params: Sequence[Any] = (), retry: bool = True
+    ) -> list[Any]:
+        """One statement, never re-sent on a new connection by the pool; its rows.
+
+        A :class:`_Statement` is prepared first if this connection has not yet.
+        """
 
         def work(con: Any) -> list[Any]:
-            cursor = con.cursor()
-            try:
-                with cursor.no_failover():
-                    cursor.execute(sql, tuple(params))
-                rows = list(cursor.fetchall()) if cursor.description is not None else []
-                count = cursor.rowcount
-            finally:
-                cursor.close()
-            self._note_notifies(con)
-            return rows if rows or cursor.description is not None else [count]
+            return self._execute(con, sql, params)
 
         return self._attempt(work, retry, [])
+
+    def _execute(self, con: Any, sql: str | _Statement, params: Sequence[Any]) -> list[Any]:
+        """Run one statement on ``con``: its rows, or ``[rowcount]`` if it returns none."""
+        cursor = con.cursor()
+        try:
+            with cursor.no_failover():
+                if isinstance(sql, _Statement):
+                    raw = con.dbapi_connection
+                    if sql.name not in raw.prepared:
+                        cursor.execute(sql.prepare_sql())
+                        raw.prepared.add(sql.name)
+                    cursor.execute(sql.execute_sql(), tuple(params))
+                else:
+                    cursor.execute(sql, tuple(params))
+            rows = list(cursor.fetchall()) if cursor.description is not None else []
+            count = cursor.rowcount
+        finally:
+            cursor.close()
+        self._note_notifies(con)
+        return rows if rows or cursor.description is not None else [count]
 
     def _note_notifies(self, con: Any) -> None:
         notifies = con.dbapi_connection.notifies
@@ -277,24 +484,10 @@ class PostgresBroker(ServerBroker):
             )
             for column, value in zip(columns, row, strict=True):
                 column.append(value)
-        if len(jobs) == 1:  # the common delay(): plain VALUES plan faster than unnest
-            source = "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            params = [column[0] for column in columns]
+        if len(jobs) == 1:  # the common delay()
+            rows = self._run(ENQUEUE_ONE, [*(column[0] for column in columns), now])
         else:
-            source = (
-                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
-                " %s::integer[], %s::bytea[], %s::text[], %s::float8[], %s::float8[],"
-                " %s::float8[])"
-            )
-            params = list(columns)
-        rows = self._run(
-            "WITH changed AS (INSERT INTO forksafe_jobs (id, task, queue, state, priority,"
-            f" payload, serializer, run_at, expires_at, created_at) {source}"
-            " ON CONFLICT (id) DO NOTHING RETURNING id, run_at)"
-            + _notify(JOBS_CHANNEL, "run_at <= %s")
-            + " SELECT id FROM changed LEFT JOIN notified ON true",
-            [*params, now],
-        )
+            rows = self._run(ENQUEUE_MANY, [*columns, now])
         new = {row[0] for row in rows}
         created: list[bool] = []
         for job in jobs:
@@ -306,54 +499,65 @@ class PostgresBroker(ServerBroker):
         self, worker: str, queues: Sequence[str], limit: int, lease_seconds: float, now: float
     ) -> list[ClaimedJob]:
         self._want(JOBS_CHANNEL)
-        doubts = self._take_doubts()
-        if doubts:
-            self._give_back_doubts(doubts, now)
+        self._settle_doubts(now)
         lease = os.urandom(12).hex()
-        queue_test = "queue = %s" if len(queues) == 1 else "queue = ANY(%s)"
-        queue_param: Any = queues[0] if len(queues) == 1 else list(queues)
-        sql = (
-            "UPDATE forksafe_jobs SET state = 'STARTED', worker = %s, lease = %s,"
-            " lease_until = %s, started_at = %s, deliveries = deliveries + 1"
-            " WHERE id IN (SELECT id FROM forksafe_jobs"
-            f"  WHERE state IN {_WAITING} AND {queue_test} AND run_at <= %s"
-            "   AND (expires_at IS NULL OR expires_at > %s)"
-            "  ORDER BY priority DESC, run_at LIMIT %s FOR UPDATE SKIP LOCKED)"
-            " RETURNING id, task, queue, payload, serializer, priority, retries, deliveries,"
-            " run_at"
-        )
-        params = (worker, lease, now + lease_seconds, now, queue_param, now, now, limit)
+        statement = CLAIM_ONE_QUEUE if len(queues) == 1 else CLAIM_SOME_QUEUES
+        params = (worker, lease, now + lease_seconds, now, _queue_param(queues), limit)
 
         def work(con: Any) -> list[Any]:
-            cursor = con.cursor()
             try:
-                with cursor.no_failover():
-                    cursor.execute(sql, params)
-                    rows = list(cursor.fetchall())
+                return self._execute(con, statement, params)
             except self.transient:
                 self._doubt(worker, lease)
                 raise
-            finally:
-                cursor.close()
-            self._note_notifies(con)
-            return rows
 
-        rows: list[Any] = self._attempt(work, False, [])
-        rows.sort(key=lambda row: (-row[5], row[8]))
-        return [
-            ClaimedJob(
-                id=row[0],
-                task=row[1],
-                queue=row[2],
-                payload=bytes(row[3]),
-                serializer=row[4],
-                priority=row[5],
-                retries=row[6],
-                deliveries=row[7],
-                lease=lease,
-            )
-            for row in rows
-        ]
+        return _claimed(self._attempt(work, False, []), lease)
+
+    def record_and_claim(
+        self,
+        outcomes: Sequence[Outcome],
+        worker: str,
+        queues: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        now: float,
+    ) -> tuple[list[bool], list[ClaimedJob]]:
+        """One statement: the outcomes are written, then the next jobs are claimed."""
+        if not outcomes or len({outcome.job_id for outcome in outcomes}) != len(outcomes):
+            return super().record_and_claim(outcomes, worker, queues, limit, lease_seconds, now)
+        self._want(JOBS_CHANNEL)
+        self._settle_doubts(now)
+        lease = os.urandom(12).hex()
+        statement = RECORD_AND_CLAIM_ONE_QUEUE if len(queues) == 1 else RECORD_AND_CLAIM_SOME_QUEUES
+        params = (
+            *_outcome_columns(outcomes),
+            now,
+            worker,
+            lease,
+            now + lease_seconds,
+            now,
+            _queue_param(queues),
+            limit,
+        )
+
+        def work(con: Any) -> list[Any] | None:
+            try:
+                return self._execute(con, statement, params)
+            except self.transient:
+                self._doubt(worker, lease)
+                raise
+
+        rows = self._attempt(work, False, None)
+        if rows is None:  # unreachable: whether it committed is unknown; record as usual
+            return self.record(outcomes, now), []
+        kept = set(rows[0][0] or ())
+        claimed = [row[1:] for row in rows if row[1] is not None]
+        return [outcome.job_id in kept for outcome in outcomes], _claimed(claimed, lease)
+
+    def _settle_doubts(self, now: float) -> None:
+        doubts = self._take_doubts()
+        if doubts:
+            self._give_back_doubts(doubts, now)
 
     def _give_back_doubts(self, doubts: list[tuple[str, str]], now: float) -> None:
         leases = [lease for _, lease in doubts]
@@ -378,43 +582,7 @@ class PostgresBroker(ServerBroker):
         # "kept" can be told per outcome from the returned (id, lease) pairs.
         if len({outcome.job_id for outcome in outcomes}) != len(outcomes):
             return [stored for outcome in outcomes for stored in self.record([outcome], now)]
-        columns: list[list[Any]] = [[] for _ in range(7)]
-        for outcome in outcomes:
-            row = (
-                outcome.job_id,
-                outcome.lease,
-                outcome.state,
-                None if outcome.result is None else psycopg2.Binary(outcome.result),
-                json.dumps(outcome.error) if outcome.error is not None else None,
-                outcome.traceback,
-                outcome.retry_at,
-            )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        if len(outcomes) <= VALUES_ROWS:  # a worker's batch: VALUES plan faster than unnest
-            row_marks = "(%s::text, %s::text, %s::text, %s::bytea, %s::text, %s::text, %s::float8)"
-            source = "VALUES " + ", ".join([row_marks] * len(outcomes))
-            params: list[Any] = [column[k] for k in range(len(outcomes)) for column in columns]
-        else:
-            source = (
-                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[],"
-                " %s::text[], %s::text[], %s::float8[])"
-            )
-            params = list(columns)
-        rows = self._run(
-            f"WITH v (jid, jlease, jstate, jresult, jerror, jtraceback, jeta) AS ({source}),"
-            " changed AS (UPDATE forksafe_jobs j SET state = v.jstate, result = v.jresult,"
-            " error = v.jerror, traceback = v.jtraceback, lease = NULL, lease_until = NULL,"
-            " finished_at = CASE WHEN v.jstate = 'RETRY' THEN NULL ELSE %s END,"
-            " run_at = CASE WHEN v.jstate = 'RETRY' THEN v.jeta ELSE j.run_at END,"
-            " retries = j.retries + (v.jstate = 'RETRY')::integer"
-            " FROM v WHERE j.id = v.jid AND j.lease = v.jlease AND j.state = 'STARTED'"
-            " RETURNING j.id, j.state)"
-            + _notify(DONE_CHANNEL)
-            + _notify(JOBS_CHANNEL, "state = 'RETRY'", "requeued")
-            + " SELECT id FROM changed LEFT JOIN notified ON true LEFT JOIN requeued ON true",
-            (*params, now),
-        )
+        rows = self._run(RECORD, (*_outcome_columns(outcomes), now))
         kept = {row[0] for row in rows}
         return [outcome.job_id in kept for outcome in outcomes]
 
@@ -469,7 +637,7 @@ class PostgresBroker(ServerBroker):
 
     def fetch(self, job_id: str) -> JobRecord | None:
         self._want(DONE_CHANNEL)
-        rows = self._run(f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = %s", (job_id,))
+        rows = self._run(FETCH, (job_id,))
         return JobRecord.from_row(rows[0], copy_blobs=True) if rows else None
 
     def revoke(self, job_id: str, now: float) -> bool:
@@ -563,9 +731,15 @@ class PostgresBroker(ServerBroker):
             raw = con.dbapi_connection
             missing = wanted - raw.listening
             if missing:
+                statements = [f"LISTEN {name}" for name in sorted(missing)]
+                if DONE_CHANNEL in missing:
+                    # In the LISTEN's transaction: an outcome committed before it
+                    # is seen by the read that follows this wait, any later one
+                    # finds the lock held and notifies.
+                    statements.append(f"SELECT pg_advisory_lock_shared({READERS_KEY})")
                 cursor = con.cursor()
                 try:
-                    cursor.execute("; ".join(f"LISTEN {name}" for name in sorted(missing)))
+                    cursor.execute("; ".join(statements))
                 finally:
                     cursor.close()
                 raw.listening = raw.listening | missing
