@@ -198,8 +198,12 @@ def _pymysql_in_transaction(con: Any) -> bool | None:
 
 
 def _generic_in_transaction(con: Any) -> bool | None:
-    value = getattr(con, "in_transaction", None)  # sqlite3 and others
+    value = con.in_transaction  # sqlite3 and others
     return value if isinstance(value, bool) else None
+
+
+def _cannot_tell(con: Any) -> bool | None:
+    return None
 
 
 def transaction_probe(con: Any) -> Callable[[Any], bool | None]:
@@ -212,7 +216,9 @@ def transaction_probe(con: Any) -> Callable[[Any], bool | None]:
         return _psycopg_in_transaction
     if module.startswith("pymysql"):
         return _pymysql_in_transaction
-    return _generic_in_transaction
+    if hasattr(con, "in_transaction"):
+        return _generic_in_transaction
+    return _cannot_tell  # asking every time would raise and catch an AttributeError
 
 
 _QUIET_EVENTS = select.POLLIN | select.POLLPRI if hasattr(select, "poll") else 0
