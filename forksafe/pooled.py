@@ -43,6 +43,7 @@ Beyond DBUtils (keyword-only, all off by default):
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -282,6 +283,13 @@ class PooledDB(fork.ProcessBound):
         self._lock = threading.Condition(self._mutex)
         self._waiting = 0  # threads waiting on the condition
         self._connections = 0  # checked-out dedicated connections + shared entries
+        # Without sharing, maxconnections is a queue of tokens, one per free slot: taking
+        # and giving back a slot, and waiting for one, happen in C, without the condition.
+        self._slots: queue.SimpleQueue[bool] | None = None
+        if self._maxconnections and not self._maxshared:
+            self._slots = queue.SimpleQueue()
+            for _ in range(self._maxconnections):
+                self._slots.put(True)
         self._idle = deque()
         self._shared_cache: list[SharedDBConnection] = []
         self._shared_pending = 0
@@ -372,10 +380,7 @@ class PooledDB(fork.ProcessBound):
     def _wait(self, deadline: float | None) -> None:
         """Wait (lock held) for a connection to be returned, or raise."""
         if not self._blocking:
-            raise TooManyConnectionsError(
-                f"maxconnections={self._maxconnections} reached and blocking=False; raise"
-                " maxconnections, return connections sooner, or set blocking=True"
-            )
+            raise self._too_many()
         self._waiting += 1
         try:
             if deadline is None:
@@ -386,12 +391,12 @@ class PooledDB(fork.ProcessBound):
         finally:
             self._waiting -= 1
         if not woken and deadline - time.monotonic() <= 0:
-            self._stats["timeouts"] += 1
-            raise PoolTimeoutError(
-                f"no connection became free within maxwait={self._maxwait}s"
-                f" (maxconnections={self._maxconnections} in use); raise maxconnections"
-                " or maxwait, or return connections sooner"
-            )
+            self._mutex.release()  # _timed_out() takes it to count
+            try:
+                error = self._timed_out()
+            finally:
+                self._mutex.acquire()
+            raise error
 
     def _wake(self) -> None:
         """Wake waiters (lock held) after a slot or a connection was freed.
@@ -425,9 +430,15 @@ class PooledDB(fork.ProcessBound):
         if shareable and self._maxshared:
             return self._shared_connection()
         idle = self._idle
+        slots = self._slots
+        if slots is not None:
+            try:
+                slots.get(False)
+            except queue.Empty:
+                self._wait_for_token(slots)
         with self._mutex:  # critical section: take a slot and an idle connection
             if self._maxconnections and self._connections >= self._maxconnections:
-                self._wait_for_slot()
+                self._wait_for_slot()  # (shared pools only: with tokens, never true here)
             self._connections += 1
             self._checkouts += 1
             con = idle.popleft() if idle else None
@@ -456,6 +467,35 @@ class PooledDB(fork.ProcessBound):
             self._give_back_slot()
             raise
 
+    def _too_many(self) -> TooManyConnectionsError:
+        return TooManyConnectionsError(
+            f"maxconnections={self._maxconnections} reached and blocking=False; raise"
+            " maxconnections, return connections sooner, or set blocking=True"
+        )
+
+    def _timed_out(self) -> PoolTimeoutError:
+        with self._mutex:
+            self._stats["timeouts"] += 1
+        return PoolTimeoutError(
+            f"no connection became free within maxwait={self._maxwait}s"
+            f" (maxconnections={self._maxconnections} in use); raise maxconnections"
+            " or maxwait, or return connections sooner"
+        )
+
+    def _wait_for_token(self, slots: queue.SimpleQueue[bool]) -> None:
+        """Wait for a free slot (no lock held), as long as ``maxwait`` allows, or raise."""
+        if not self._blocking:
+            raise self._too_many()
+        started = time.monotonic()
+        try:
+            slots.get(timeout=self._maxwait)
+        except queue.Empty:
+            raise self._timed_out() from None
+        finally:
+            with self._mutex:
+                self._stats["waits"] += 1
+                self._stats["wait_ms"] += int((time.monotonic() - started) * 1000)
+
     def _wait_for_slot(self) -> None:
         deadline = self._deadline()
         started = time.monotonic()
@@ -471,6 +511,8 @@ class PooledDB(fork.ProcessBound):
             self._connections -= 1
             if self._waiting:
                 self._wake()
+        if self._slots is not None:
+            self._slots.put(True)
 
     def dedicated_connection(self) -> Any:
         """Check out a connection that is never shared: ``connection(shareable=False)``."""
@@ -561,6 +603,9 @@ class PooledDB(fork.ProcessBound):
                 idle.append(con)
             if self._waiting:
                 self._wake()
+        slots = self._slots
+        if slots is not None:
+            slots.put(True)  # after the connection went idle, so a waiter finds it
         if not keep:
             self._close_con(con)
 
