@@ -178,9 +178,15 @@ def _is_closed(con: Any) -> bool:
     return False
 
 
+# libpq's PQtransactionStatus: PQTRANS_IDLE == 0; active, in transaction, error count.
+
+
+def _psycopg2_in_transaction(con: Any) -> bool | None:
+    return bool(con.get_transaction_status() != 0)
+
+
 def _psycopg_in_transaction(con: Any) -> bool | None:
-    # psycopg2 and psycopg 3: TRANSACTION_STATUS_IDLE == 0; active, in trans, error count.
-    return bool(con.info.transaction_status != 0)
+    return bool(con.pgconn.transaction_status != 0)  # psycopg 3
 
 
 def _pymysql_in_transaction(con: Any) -> bool | None:
@@ -212,6 +218,8 @@ def transaction_probe(con: Any) -> Callable[[Any], bool | None]:
     the probe reads client-side state only and never talks to the server.
     """
     module = _module_of(con)
+    if module.startswith("psycopg2"):
+        return _psycopg2_in_transaction
     if module.startswith("psycopg"):
         return _psycopg_in_transaction
     if module.startswith("pymysql"):
