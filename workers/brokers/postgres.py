@@ -27,8 +27,10 @@ How it works:
   an advisory lock shared; the outcome's statement tries it exclusively).
 * **Prepared statements.** The statements run once or more per job (submit, claim,
   record, record-and-claim, fetch) are prepared once per connection and then
-  executed by name with a generic plan: parsing and planning them cost the server
-  more than running them.
+  executed by name, soon with one plan kept for all parameters: parsing and
+  planning them cost the server more than running them. A plan kept from when the
+  table was small must not scan it whole later, so the broker's sessions run with
+  ``enable_seqscan = off`` (every statement it runs often has an index to use).
 * **Record and claim together.** A worker that finishes a batch writes its outcomes
   and takes its next batch in one statement, so a job that arrives alone costs the
   worker two round trips (claim, then record-and-claim), not three.
@@ -217,12 +219,17 @@ ENQUEUE_MANY = _Statement(
 
 def _claim_jobs(first: int, queue_test: str) -> str:
     """An ``UPDATE`` that claims due jobs; its parameters, from ``$first`` on: worker,
-    lease, lease_until, now, queue(s) (tested by ``queue_test``), limit."""
+    lease, lease_until, now, queue(s) (tested by ``queue_test``), limit.
+
+    The jobs it locks are updated by their row address (``ctid``), so the plan has no
+    join to get wrong: a plan kept for any parameters (prepared) and made while the
+    table was nearly empty would otherwise scan the whole table once it is not.
+    """
     worker, lease, until, now, queues, limit = (f"${first + k}" for k in range(6))
     return (
         f"UPDATE forksafe_jobs SET state = 'STARTED', worker = {worker}, lease = {lease},"
         f" lease_until = {until}, started_at = {now}, deliveries = deliveries + 1"
-        " WHERE id = ANY(ARRAY(SELECT id FROM forksafe_jobs"
+        " WHERE ctid = ANY(ARRAY(SELECT ctid FROM forksafe_jobs"
         f"  WHERE state IN {_WAITING} AND {queue_test.format(queues)} AND run_at <= {now}"
         f"   AND (expires_at IS NULL OR expires_at > {now})"
         f"  ORDER BY priority DESC, run_at LIMIT {limit} FOR UPDATE SKIP LOCKED))"
@@ -371,6 +378,12 @@ class PostgresBroker(ServerBroker):
         con = psycopg2.connect(**self._params, connection_factory=_Connection)
         try:
             con.autocommit = True
+            cursor = con.cursor()
+            # A prepared statement's plan is kept; one made while the table was
+            # small would go on scanning it whole once it is large. Every hot
+            # statement has an index (or a row address) to go by instead.
+            cursor.execute("SET enable_seqscan = off")
+            cursor.close()
         except BaseException:
             con.close()
             raise
