@@ -811,7 +811,7 @@ class PooledDedicatedDBConnection(_PooledProxy):
             self._pool.cache(con)
 
     def __del__(self) -> None:
-        con = self.__dict__.get("_con")
+        con = self._con
         if con is None:
             return
         with suppress(Exception):

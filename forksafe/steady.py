@@ -445,13 +445,10 @@ class SteadyDBConnection:
                 alive = self._pinger(self._con)
             except Exception:
                 alive = False
-        if alive is None:
-            alive = True
-        if alive:
-            reconnect = False
-        if reconnect and not self._transaction and self._try_reconnect():
-            alive = True
-        return bool(alive)
+        if alive or alive is None:
+            return True
+        # Dead: replaced unless inside a transaction (or the reconnect fails).
+        return reconnect and not self._transaction and self._try_reconnect()
 
     # -- DB-API surface -------------------------------------------------------------
 
@@ -623,7 +620,8 @@ class SteadyDBCursor:
                 cursor = con._cursor_failed(error, args, kwargs, overused=False)
         else:
             cursor = con._cursor(*args, **kwargs)
-        self._bind(cursor)
+        self._cursor = cursor
+        self._closed = False
 
     def _bind(self, cursor: Any) -> None:
         """Make ``cursor`` (the first, or a replacement after failover) the driver cursor."""
