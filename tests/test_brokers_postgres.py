@@ -88,11 +88,11 @@ def test_a_prepared_plan_made_on_an_empty_table_still_uses_an_index_when_it_is_l
     try:
         cursor = con.cursor()
         cursor.execute("SET plan_cache_mode = force_generic_plan")
-        cursor.execute(statement.prepare_sql())
-        cursor.execute("EXPLAIN " + statement.execute_sql(), params)  # plan kept from here
+        cursor.execute(statement.prepare)
+        cursor.execute("EXPLAIN " + statement.execute, params)  # plan kept from here
         jobs = [NewJob(f"j{i}", "add", "default", b"{}", "json", eta=now - i) for i in range(20000)]
         broker.enqueue(jobs, now)
-        cursor.execute("EXPLAIN " + statement.execute_sql(), params)
+        cursor.execute("EXPLAIN " + statement.execute, params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
     finally:
         con.close()

@@ -49,7 +49,7 @@ import os
 import select
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
@@ -169,20 +169,22 @@ class _Statement:
     """A statement run often enough to be worth preparing on each connection.
 
     ``text`` refers to its parameters as ``$1``, ``$2``... of the given ``types``;
-    :meth:`PostgresBroker._run` prepares it the first time a connection runs it.
+    :meth:`PostgresBroker._run` runs :attr:`prepare` the first time a connection
+    runs it, then :attr:`execute` with the parameters.
     """
 
     name: str
     types: tuple[str, ...]
     text: str
+    prepare: str = field(init=False)
+    execute: str = field(init=False)
 
-    def prepare_sql(self) -> str:
-        return f"PREPARE {self.name} ({', '.join(self.types)}) AS {self.text}"
-
-    def execute_sql(self) -> str:
+    def __post_init__(self) -> None:
         # Explicit casts: a list of NULLs would otherwise be text[], not bytea[].
         marks = ", ".join(f"%s::{kind}" for kind in self.types)
-        return f"EXECUTE {self.name} ({marks})"
+        prepare = f"PREPARE {self.name} ({', '.join(self.types)}) AS {self.text}"
+        object.__setattr__(self, "prepare", prepare)
+        object.__setattr__(self, "execute", f"EXECUTE {self.name} ({marks})")
 
 
 _NEW_JOB_COLUMNS = (
@@ -304,6 +306,23 @@ def _disconnected(exc: BaseException) -> bool:
     return str(code)[:2] in ("08", "57", "53")  # connection, operator intervention, resources
 
 
+def _job_row(job: NewJob, now: float) -> tuple[Any, ...]:
+    """A new job as the values of ``_NEW_JOB_COLUMNS``."""
+    eta = now if job.eta is None else job.eta
+    return (
+        job.id,
+        job.task,
+        job.queue,
+        states.SCHEDULED if eta > now else states.PENDING,
+        job.priority,
+        psycopg2.Binary(job.payload),
+        job.serializer,
+        eta,
+        job.expires_at,
+        now,
+    )
+
+
 def _queue_param(queues: Sequence[str]) -> Any:
     """The queue parameter of a claim: a name for one queue, a list for several."""
     return queues[0] if len(queues) == 1 else list(queues)
@@ -415,30 +434,32 @@ class PostgresBroker(ServerBroker):
         return self._attempt(work, retry, [])
 
     def _execute(self, con: Any, sql: str | _Statement, params: Sequence[Any]) -> list[Any]:
-        """Run one statement on ``con``: its rows, or ``[rowcount]`` if it returns none."""
-        cursor = con.cursor()
-        try:
-            with cursor.no_failover():
-                if isinstance(sql, _Statement):
-                    raw = con.dbapi_connection
-                    if sql.name not in raw.prepared:
-                        cursor.execute(sql.prepare_sql())
-                        raw.prepared.add(sql.name)
-                    cursor.execute(sql.execute_sql(), tuple(params))
-                else:
-                    cursor.execute(sql, tuple(params))
-            rows = list(cursor.fetchall()) if cursor.description is not None else []
-            count = cursor.rowcount
-        finally:
-            cursor.close()
-        self._note_notifies(con)
-        return rows if rows or cursor.description is not None else [count]
+        """Run one statement on ``con``: its rows, or ``[rowcount]`` if it returns none.
 
-    def _note_notifies(self, con: Any) -> None:
-        notifies = con.dbapi_connection.notifies
-        if notifies:
-            notifies.clear()
-            self._changed = True
+        The statement goes to the driver's own cursor: it must never be re-sent on a
+        new connection (a lost reply could hide a commit), and failures are handled
+        by :meth:`_attempt`, which lets the pooled connection reconnect for its next use.
+        """
+        raw = con.dbapi_connection
+        with raw.cursor() as cursor:
+            if isinstance(sql, _Statement):
+                if sql.name not in raw.prepared:
+                    cursor.execute(sql.prepare)
+                    raw.prepared.add(sql.name)
+                cursor.execute(sql.execute, params)
+            else:
+                cursor.execute(sql, params)
+            described = cursor.description is not None
+            rows = cursor.fetchall() if described else []
+            count = cursor.rowcount
+        if raw.notifies:
+            self._heard(raw)
+        return rows if rows or described else [count]
+
+    def _heard(self, raw: Any) -> None:
+        """Notifications arrived with a reply: the next :meth:`wait` returns at once."""
+        raw.notifies.clear()
+        self._changed = True
 
     # -- schema -------------------------------------------------------------------
 
@@ -480,27 +501,14 @@ class PostgresBroker(ServerBroker):
     def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[bool]:
         if not jobs:
             return []
-        columns: list[list[Any]] = [[] for _ in range(10)]
-        for job in jobs:
-            eta = now if job.eta is None else job.eta
-            row = (
-                job.id,
-                job.task,
-                job.queue,
-                states.SCHEDULED if eta > now else states.PENDING,
-                job.priority,
-                psycopg2.Binary(job.payload),
-                job.serializer,
-                eta,
-                job.expires_at,
-                now,
-            )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
         if len(jobs) == 1:  # the common delay()
-            rows = self._run(ENQUEUE_ONE, [*(column[0] for column in columns), now])
+            rows = self._run(ENQUEUE_ONE, (*_job_row(jobs[0], now), now))
         else:
-            rows = self._run(ENQUEUE_MANY, [*columns, now])
+            columns: list[list[Any]] = [[] for _ in range(10)]
+            for job in jobs:
+                for column, value in zip(columns, _job_row(job, now), strict=True):
+                    column.append(value)
+            rows = self._run(ENQUEUE_MANY, (*columns, now))
         new = {row[0] for row in rows}
         created: list[bool] = []
         for job in jobs:
