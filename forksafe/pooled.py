@@ -56,7 +56,7 @@ from contextlib import suppress
 from functools import total_ordering
 from typing import Any, TypeVar
 
-from forksafe import drivers, fork
+from forksafe import drivers, fork, forwarding
 from forksafe.errors import (
     InvalidConnection,
     InvalidConnectionError,
@@ -722,26 +722,6 @@ _ProxyT = TypeVar("_ProxyT", bound="_PooledProxy")
 _new_proxy = object.__new__
 
 
-class _Forward:
-    """Reads one attribute of the steady connection behind a proxy.
-
-    DBUtils' proxies forward attributes with ``__getattr__``; a class with
-    ``__getattr__`` makes every attribute access on its instances take the interpreter's
-    slow path, the proxy's own methods included. The names forwarded are those a
-    :class:`SteadyDBConnection` has (its methods and its declared instance attributes).
-    """
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, proxy: _PooledProxy | None, owner: type | None = None) -> Any:
-        if proxy is None:
-            return self
-        return getattr(proxy._live(self.name), self.name)
-
-
 class _PooledProxy:
     """What both kinds of checked-out connection share: delegation to the steady
     connection while checked out, :class:`InvalidConnectionError` after ``close()``."""
@@ -752,6 +732,7 @@ class _PooledProxy:
         raise NotImplementedError
 
     def _live(self, name: str = "") -> SteadyDBConnection:
+        """The steady connection behind this proxy, or InvalidConnectionError."""
         con = self._con
         if con is None:
             wanted = f"; cannot get {name!r}" if name else ""
@@ -765,7 +746,9 @@ class _PooledProxy:
         con = self._con
         if con is None:
             con = self._live("cursor")  # raises
-        return SteadyDBCursor(con, *args, **kwargs)
+        if args or kwargs:
+            return SteadyDBCursor(con, *args, **kwargs)
+        return con._cursor_class(con)
 
     def commit(self) -> None:
         """Commit the current transaction."""
@@ -782,12 +765,9 @@ class _PooledProxy:
         self.close()
 
 
-_forwarded = {name for name in dir(SteadyDBConnection) if not name.startswith("__")}
-for _name in sorted(
-    (_forwarded | set(SteadyDBConnection.__annotations__)) - set(dir(_PooledProxy))
-):
-    setattr(_PooledProxy, _name, _Forward(_name))
-del _forwarded, _name
+# What DBUtils forwards with __getattr__: everything the steady connection has (its
+# methods and its declared instance attributes).
+forwarding.forward(_PooledProxy, [*dir(SteadyDBConnection), *SteadyDBConnection.__annotations__])
 
 
 class PooledDedicatedDBConnection(_PooledProxy):

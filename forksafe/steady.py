@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from forksafe import drivers, fork
+from forksafe import drivers, fork, forwarding
 from forksafe.errors import ForkedConnectionError, InvalidCursorError, SteadyDBError
 
 __all__ = [
@@ -209,6 +210,7 @@ class SteadyDBConnection:
     _idle_since: float  # when a pool last took it back
     _in_transaction: Callable[[Any], bool | None]
     _quiet: Callable[[Any], bool] | None
+    _cursor_class: type[SteadyDBCursor]  # what cursor() without arguments makes
 
     def __init__(
         self,
@@ -224,6 +226,7 @@ class SteadyDBConnection:
     ) -> None:
         self._con = None
         self._closed = True
+        self._cursor_class = SteadyDBCursor
         try:
             self._creator = creator.connect
             dbapi = getattr(creator, "dbapi", None)
@@ -589,7 +592,7 @@ class SteadyDBConnection:
 
     def cursor(self, *args: Any, **kwargs: Any) -> SteadyDBCursor:
         """Return a tough cursor (see :class:`SteadyDBCursor`)."""
-        return SteadyDBCursor(self, *args, **kwargs)
+        return self._cursor_class(self, *args, **kwargs)
 
     def __del__(self) -> None:
         with suppress(Exception):
@@ -599,6 +602,13 @@ class SteadyDBConnection:
 class SteadyDBCursor:
     """A hardened DB-API 2 cursor: ``execute*``/``callproc*`` fail over like the connection.
 
+    Every other attribute is the driver cursor's, as in DBUtils. Instances take a subclass
+    made for their driver's cursor type: where that type fixes every attribute its
+    cursors can have (psycopg2, psycopg 3, sqlite3: no instance ``__dict__``, no
+    ``__getattr__``), the names are forwarded by descriptors
+    (:mod:`forksafe.forwarding`); otherwise by ``__getattr__``, which subclasses get
+    unless they define their own.
+
     Dropping a steady cursor leaves its driver cursor to the driver's own finaliser.
     """
 
@@ -607,6 +617,12 @@ class SteadyDBCursor:
     _no_failover = 0
     _inputsizes: Any = None
     _outputsizes: dict[Any, Any] | None = None
+    _made_for: type | None = None  # the driver cursor type of a per-driver subclass
+
+    def __init_subclass__(cls, forwarding: bool = False, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not forwarding and not hasattr(cls, "__getattr__"):
+            cls.__getattr__ = _forward_by_name  # type: ignore[attr-defined]
 
     def __init__(self, con: SteadyDBConnection, *args: Any, **kwargs: Any) -> None:
         if not isinstance(con, SteadyDBConnection):
@@ -622,6 +638,21 @@ class SteadyDBCursor:
             cursor = con._cursor(*args, **kwargs)
         self._cursor = cursor
         self._closed = False
+        made_for = self._made_for
+        if made_for is not type(cursor) and (made_for is not None or type(self) is SteadyDBCursor):
+            # Not made as the class for this driver cursor type: switch (once per
+            # connection for plain cursor() calls, which then make the right class).
+            cls = _cursor_classes.get(type(cursor)) or _cursor_class(cursor)
+            self.__class__ = cls
+            if not args and not kwargs:
+                con._cursor_class = cls
+
+    def _live(self, name: str) -> Any:
+        """The driver cursor, or InvalidCursorError naming the attribute wanted."""
+        cursor = self._cursor
+        if cursor is None:
+            raise InvalidCursorError(f"cursor has no driver cursor; cannot get {name!r}")
+        return cursor
 
     def _bind(self, cursor: Any) -> None:
         """Make ``cursor`` (the first, or a replacement after failover) the driver cursor."""
@@ -822,14 +853,62 @@ class SteadyDBCursor:
             con._transaction = False
         raise error
 
-    def __getattr__(self, name: str) -> Any:
-        cursor = self.__dict__.get("_cursor")
-        if cursor:
-            if name.startswith(("execute", "call")):
-                execute = name.startswith("execute")
-                return lambda *args, **kwargs: self._call(name, args, kwargs, execute)
-            return getattr(cursor, name)
-        raise InvalidCursorError(f"cursor has no driver cursor; cannot get {name!r}")
+
+def _failover_call(cursor: SteadyDBCursor, name: str) -> Callable[..., Any]:
+    """The driver's ``execute*``/``call*`` method ``name``, with the steady failover."""
+    execute = name.startswith("execute")
+    return lambda *args, **kwargs: cursor._call(name, args, kwargs, execute)
+
+
+def _forward_by_name(self: SteadyDBCursor, name: str) -> Any:
+    """``__getattr__`` of steady cursors whose driver attributes are not known in advance."""
+    cursor = self._live(name)
+    if name.startswith(("execute", "call")):
+        return _failover_call(self, name)
+    return getattr(cursor, name)
+
+
+class _ForwardCall(forwarding.Forward):
+    """Forwards a driver's ``execute*``/``call*`` method, with the steady failover."""
+
+    __slots__ = ()
+
+    def __get__(self, wrapper: Any, owner: type | None = None) -> Any:
+        if wrapper is None:
+            return self
+        wrapper._live(self.name)
+        return _failover_call(wrapper, self.name)
+
+
+def _forwarder(name: str) -> forwarding.Forward:
+    if name.startswith(("execute", "call")):
+        return _ForwardCall(name)
+    return forwarding.Forward(name)
+
+
+# Driver cursor type -> the SteadyDBCursor subclass its cursors get.
+_cursor_classes: dict[type, type[SteadyDBCursor]] = {}
+
+
+def _cursor_class(cursor: Any) -> type[SteadyDBCursor]:
+    """Make (once per driver cursor type) the steady cursor class for cursors like this."""
+    kind = type(cursor)
+    fixed = not hasattr(cursor, "__dict__") and not hasattr(kind, "__getattr__")
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": SteadyDBCursor.__qualname__,
+        "_made_for": kind,
+    }
+    cls = types.new_class(
+        SteadyDBCursor.__name__,
+        (SteadyDBCursor,),
+        {"forwarding": fixed},
+        lambda ns: ns.update(namespace),
+    )
+    if fixed:
+        forwarding.forward(cls, dir(kind), make=_forwarder)
+    _cursor_classes[kind] = cls
+    return cls
 
 
 class _Overused(Exception):

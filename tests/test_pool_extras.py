@@ -18,7 +18,7 @@ import fakedb
 import pytest
 
 import forksafe
-from forksafe import PersistentDB, PooledDB
+from forksafe import PersistentDB, PooledDB, steady_db
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -446,3 +446,100 @@ def test_a_proxy_forwards_every_attribute_of_its_steady_connection() -> None:
     proxy.close()
     with pytest.raises(forksafe.InvalidConnectionError, match="_transaction"):
         _ = proxy._transaction
+
+
+# -- cursor attributes ------------------------------------------------------------------
+
+
+def test_steady_cursors_forward_every_driver_cursor_attribute(postgres: Any, mysql: Any) -> None:
+    """Fixed-attribute cursors (psycopg2) and open-ended ones (PyMySQL) alike."""
+    import psycopg2
+    import pymysql
+
+    for driver, target, insert in (
+        (psycopg2, postgres, "CREATE TEMP TABLE t (i int); INSERT INTO t VALUES (1)"),
+        (pymysql, mysql, "CREATE TEMPORARY TABLE t (i int)"),
+    ):
+        pool = PooledDB(driver, **target.kwargs)
+        with pool.connection() as db:
+            cursor = db.cursor()
+            assert isinstance(cursor, forksafe.SteadyDBCursor)
+            cursor.execute(insert)
+            cursor.execute("SELECT 1 AS one")
+            raw = cursor.dbapi_cursor
+            assert cursor.rowcount == raw.rowcount == 1
+            assert cursor.description[0][0] == "one"
+            assert cursor.fetchone() == (1,)
+            for name in dir(raw):
+                if not name.startswith("__") and not name.startswith(("execute", "call")):
+                    assert hasattr(cursor, name), name
+            if driver is pymysql:
+                assert cursor._executed == raw._executed  # set on the driver cursor late
+            else:
+                assert cursor.query == b"SELECT 1 AS one"
+            cursor.close()
+        pool.close()
+
+
+class _Gone(Exception):
+    pass
+
+
+class _SlottedConnection:
+    """A driver whose cursors have a fixed set of attributes (like psycopg2's)."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.dead = False
+
+    def cursor(self) -> _SlottedCursor:
+        return _SlottedCursor(self)
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _SlottedCursor:
+    __slots__ = ("con",)
+
+    def __init__(self, con: _SlottedConnection) -> None:
+        self.con = con
+
+    def execute_batch(self, sql: str) -> tuple[str, int]:
+        if self.con.dead:
+            raise _Gone("server closed the connection")
+        return sql, self.con.number
+
+    def close(self) -> None:
+        pass
+
+
+def test_driver_execute_methods_the_wrapper_lacks_still_fail_over() -> None:
+    made: list[_SlottedConnection] = []
+
+    def connect() -> _SlottedConnection:
+        made.append(_SlottedConnection(len(made)))
+        return made[-1]
+
+    steady = steady_db.connect(connect, failures=_Gone)
+    cursor = steady.cursor()
+    assert not hasattr(type(cursor), "__getattr__"), "fixed attributes are forwarded directly"
+    assert cursor.con is made[0]
+    assert cursor.execute_batch("x") == ("x", 0)
+    made[0].dead = True
+    assert cursor.execute_batch("y") == ("y", 1)  # retried on a new connection
+    steady.close()
+
+
+def test_a_steady_cursor_subclass_keeps_forwarding_by_name() -> None:
+    class Mine(forksafe.SteadyDBCursor):
+        pass
+
+    steady = steady_db.connect(fakedb)
+    cursor = Mine(steady)
+    assert type(cursor) is Mine
+    assert cursor.arraysize == cursor.dbapi_cursor.arraysize
+    steady.close()
