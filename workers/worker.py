@@ -59,6 +59,11 @@ EXIT_ORPHANED = 71
 OUTCOME_FLUSH_SECONDS = 0.05
 """Outcomes of a prefetched batch are written together, but never held longer than this."""
 
+GATHER_SECONDS = 0.002
+"""An idle worker woken sooner than this after its previous claim waits until then:
+jobs submitted in a stream are claimed a few at a time instead of one per round trip
+(and one per wake-up of every idle worker). A job submitted alone is claimed at once."""
+
 Done = tuple[ClaimedJob, Outcome, float]
 """A finished job, how it ended and how long it ran (seconds)."""
 
@@ -191,6 +196,7 @@ class Worker:
         self._current: str | None = None
         self._held: list[ClaimedJob] = []
         self._finished = threading.Event()
+        self._last_claim = 0.0
 
     # -- process setup ------------------------------------------------------------
 
@@ -241,6 +247,7 @@ class Worker:
                     self.exit_code = EXIT_ORPHANED
                     break
                 now = time.time()
+                self._last_claim = time.monotonic()
                 recorded, done = done, []
                 stored, jobs = broker.record_and_claim(
                     [outcome for _, outcome, _ in recorded],
@@ -256,6 +263,7 @@ class Worker:
                         log.debug("worker %d: queue drained (burst)", self.pid)
                         break
                     broker.wait(self.config.idle_wait)
+                    self._gather()
                     continue
                 done = self._run_batch(jobs)
                 if self._should_recycle():
@@ -271,6 +279,13 @@ class Worker:
                 broker.remove_worker(self.id)
                 self._finished.set()
                 beat.join(timeout=self.config.heartbeat_interval + 1)
+
+    def _gather(self) -> None:
+        """After a wake-up that came soon after the previous claim, let
+        ``GATHER_SECONDS`` pass since that claim before the next one."""
+        pause = self._last_claim + GATHER_SECONDS - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
 
     def _run_batch(self, jobs: list[ClaimedJob]) -> list[Done]:
         """Run claimed jobs in order until done or stopping; return those whose outcome
