@@ -59,11 +59,6 @@ EXIT_ORPHANED = 71
 OUTCOME_FLUSH_SECONDS = 0.05
 """Outcomes of a prefetched batch are written together, but never held longer than this."""
 
-GATHER_SECONDS = 0.002
-"""An idle worker woken sooner than this after its previous claim waits until then:
-jobs submitted in a stream are claimed a few at a time instead of one per round trip
-(and one per wake-up of every idle worker). A job submitted alone is claimed at once."""
-
 Done = tuple[ClaimedJob, Outcome, float]
 """A finished job, how it ended and how long it ran (seconds)."""
 
@@ -281,9 +276,10 @@ class Worker:
                 beat.join(timeout=self.config.heartbeat_interval + 1)
 
     def _gather(self) -> None:
-        """After a wake-up that came soon after the previous claim, let
-        ``GATHER_SECONDS`` pass since that claim before the next one."""
-        pause = self._last_claim + GATHER_SECONDS - time.monotonic()
+        """After a wake-up that came soon after the previous claim, let the broker's
+        ``gather_seconds`` pass since that claim before the next one: jobs submitted in
+        a stream are then claimed a few at a time; a job submitted alone, at once."""
+        pause = self._last_claim + self.app.broker.gather_seconds - time.monotonic()
         if pause > 0:
             time.sleep(pause)
 

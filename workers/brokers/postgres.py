@@ -383,6 +383,8 @@ class PostgresBroker(ServerBroker):
     transient = (psycopg2.OperationalError, psycopg2.InterfaceError)
     failures = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.InternalError)
     label = "PostgreSQL"
+    holds_connections = True  # a worker's claims and waits share its listening session
+    gather_seconds = 0.002  # every NOTIFY wakes every idle worker
 
     def __init__(self, url: BrokerURL) -> None:
         super().__init__(url)

@@ -109,6 +109,9 @@ class ServerBroker(Broker):
     """Driver errors after which the pool replaces a connection."""
     label = "database"
     """How the database is called in log lines."""
+    holds_connections = False
+    """Whether :meth:`hold_connection` keeps a connection (a broker whose waits need
+    the session its claims ran on); otherwise each operation takes one from the pool."""
 
     def __init__(self, url: BrokerURL) -> None:
         super().__init__(url)
@@ -199,13 +202,18 @@ class ServerBroker(Broker):
 
     @contextmanager
     def hold_connection(self) -> Iterator[None]:
-        """This thread keeps the first connection it checks out until the block ends.
+        """With :attr:`holds_connections`, this thread keeps the first connection it
+        checks out until the block ends.
 
         Unless this process may open only one connection: its other threads (a
         worker's heartbeat) need it too, so the thread takes it from the pool each time.
         A connection that fails is given back, and the next operation takes another.
         """
-        if self._limit() == 1 or getattr(self._held, "pid", None) == os.getpid():
+        if (
+            not self.holds_connections
+            or self._limit() == 1
+            or getattr(self._held, "pid", None) == os.getpid()
+        ):
             yield
             return
         self._held.pid, self._held.con = os.getpid(), None
