@@ -11,9 +11,9 @@ except the broker's own:
 
 How it works:
 
-* **Claims** are one statement: ``UPDATE ... WHERE id IN (SELECT ... ORDER BY
-  priority DESC, run_at LIMIT n FOR UPDATE SKIP LOCKED) RETURNING ...``. Claimers
-  never wait for each other; each takes a batch. The inner query walks the partial
+* **Claims** are one statement: ``UPDATE ... WHERE ctid = ANY(ARRAY(SELECT ctid ...
+  ORDER BY priority DESC, run_at LIMIT n FOR UPDATE SKIP LOCKED)) RETURNING ...``.
+  Claimers never wait for each other; each takes a batch. The inner query walks the partial
   index ``forksafe_jobs_due (queue, priority DESC, run_at) WHERE state IN
   ('PENDING','SCHEDULED','RETRY')`` in order and stops at ``LIMIT``, so its cost does
   not grow with the number of finished jobs (``tests/test_brokers_postgres.py``
