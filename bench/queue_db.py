@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -37,6 +38,7 @@ class MariaDB:
     def __init__(self) -> None:
         self.url = MYSQL_URL
         self._server: Any = None
+        self._base: Path | None = None
 
     def start(self) -> str:
         if self.url:
@@ -57,6 +59,7 @@ class MariaDB:
         home.mkdir()
         home.chmod(0o755)
         servers._hand_over(home, account)
+        self._base = base
         self._server = cls(home, template / "data", account)
         self._server.start()
         admin = self._server.admin_kwargs()
@@ -73,6 +76,9 @@ class MariaDB:
         if self._server is not None:
             self._server.destroy()
             self._server = None
+        if self._base is not None:  # the template data directory (34 MB) too
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
 
 
 MARIADB = MariaDB()
