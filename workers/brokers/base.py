@@ -191,6 +191,22 @@ class ClaimedJob:
     deliveries: int
     lease: str
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any], lease: str) -> ClaimedJob:
+        """The job in a claimed row ``(id, task, queue, payload, serializer, priority,
+        retries, deliveries, ...)``."""
+        return cls(
+            id=row[0],
+            task=row[1],
+            queue=row[2],
+            payload=bytes(row[3]),
+            serializer=row[4],
+            priority=row[5],
+            retries=row[6],
+            deliveries=row[7],
+            lease=lease,
+        )
+
 
 @dataclass(frozen=True)
 class Outcome:

@@ -388,20 +388,7 @@ class MySQLBroker(ServerBroker):
         rows: list[Any] = self._attempt(work, False, [])
         if rows:
             self._busy()
-        return [
-            ClaimedJob(
-                id=row[1],
-                task=row[2],
-                queue=row[3],
-                payload=bytes(row[4]),
-                serializer=row[5],
-                priority=row[6],
-                retries=row[7],
-                deliveries=row[8] + 1,
-                lease=lease,
-            )
-            for row in rows
-        ]
+        return [ClaimedJob.from_row((*row[1:8], row[8] + 1), lease) for row in rows]
 
     def _give_back_doubts(self, doubts: list[tuple[str, str]]) -> None:
         leases = [lease for _, lease in doubts]

@@ -361,20 +361,7 @@ def _claimed(rows: list[Any], lease: str) -> list[ClaimedJob]:
     """Claimed rows (``id, task, queue, payload, serializer, priority, retries,
     deliveries, run_at``) as jobs, highest priority then oldest first."""
     rows.sort(key=lambda row: (-row[5], row[8]))
-    return [
-        ClaimedJob(
-            id=row[0],
-            task=row[1],
-            queue=row[2],
-            payload=bytes(row[3]),
-            serializer=row[4],
-            priority=row[5],
-            retries=row[6],
-            deliveries=row[7],
-            lease=lease,
-        )
-        for row in rows
-    ]
+    return [ClaimedJob.from_row(row, lease) for row in rows]
 
 
 class PostgresBroker(ServerBroker):

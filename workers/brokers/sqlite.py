@@ -311,20 +311,7 @@ class SQLiteBroker(Broker):
                 (worker, lease, now + lease_seconds, now, *queues, now, now, limit),
             )
             rows = cursor.fetchall()
-        jobs = [
-            ClaimedJob(
-                id=row[0],
-                task=row[1],
-                queue=row[2],
-                payload=row[3],
-                serializer=row[4],
-                priority=row[5],
-                retries=row[6],
-                deliveries=row[7],
-                lease=lease,
-            )
-            for row in rows
-        ]
+        jobs = [ClaimedJob.from_row(row, lease) for row in rows]
         jobs.sort(key=lambda job: -job.priority)
         return jobs
 
