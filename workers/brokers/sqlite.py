@@ -33,6 +33,7 @@ from typing import Any
 from forksafe import PersistentDB
 from workers import states
 from workers.brokers.base import (
+    FINAL_STATES_SQL,
     Broker,
     BrokerURL,
     ClaimedJob,
@@ -163,25 +164,29 @@ class SQLiteBroker(Broker):
         # instead (see _begin), so the connections do not wait at all. "database is
         # locked" is therefore not a reason to reconnect (failures=).
         self._pool = PersistentDB(
-            sqlite3,
+            self._connect,
             setsession=[
-                # Switching a new file to WAL needs the lock: let SQLite wait for that one.
-                f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}",
-                "PRAGMA journal_mode=WAL",
                 f"PRAGMA synchronous={synchronous}",
-                "PRAGMA busy_timeout=0",
                 # Checkpoints (which fsync) run in the supervisor's sweep, off the path of
                 # claims and outcomes; this is only the backstop when no supervisor runs.
                 f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}",
             ],
             failures=(sqlite3.InterfaceError, sqlite3.InternalError),
-            database=self.path,
-            timeout=0,
-            isolation_level=None,
-            check_same_thread=False,
         )
 
     # -- plumbing -----------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        """A new connection to the file, in WAL mode."""
+        con = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        try:
+            # Switching a new file to WAL takes its lock, and while other connections
+            # switch too SQLite may refuse at once, without waiting: retried here.
+            self._retry_busy(con.cursor(), "PRAGMA journal_mode=WAL")
+        except BaseException:
+            con.close()
+            raise
+        return con
 
     def _connection(self) -> Any:
         return self._pool.connection()
@@ -413,6 +418,17 @@ class SQLiteBroker(Broker):
     def fetch(self, job_id: str) -> JobRecord | None:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = ?", (job_id,))
         return JobRecord.from_row(rows[0]) if rows else None
+
+    def fetch_finished(self, job_id: str, others: Sequence[str]) -> list[JobRecord]:
+        if not others:
+            return super().fetch_finished(job_id, others)
+        marks = ", ".join("?" * len(others))
+        rows = self._read(
+            f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs"
+            f" WHERE id = ? OR (id IN ({marks}) AND state IN {FINAL_STATES_SQL})",
+            (job_id, *others),
+        )
+        return [JobRecord.from_row(row) for row in rows]
 
     def revoke(self, job_id: str, now: float) -> bool:
         with self._write(ring=True) as cursor:
