@@ -70,6 +70,30 @@ def test_payloads_and_results_come_back_byte_for_byte(broker: Broker) -> None:
     assert record is not None and record.result == payload[::-1] and record.payload == payload
 
 
+def test_fetch_finished_reads_one_job_and_only_the_finished_others(broker: Broker) -> None:
+    now = time.time()
+    broker.enqueue([job(name) for name in ("mine", "done", "failed", "waiting", "running")], now)
+    claimed = {c.id: c for c in broker.claim("w", ["default"], 5, 30, now)}
+    broker.record(
+        [
+            Outcome("done", claimed["done"].lease, states.SUCCESS, result=b"42"),
+            Outcome("failed", claimed["failed"].lease, states.FAILURE, error={"type": "E"}),
+        ],
+        now,
+    )
+    broker.release("w", ["waiting"], now)
+    others = ["done", "failed", "waiting", "running", "unknown"]
+    records = {r.id: r for r in broker.fetch_finished("mine", others)}
+    assert {i: r.state for i, r in records.items()} == {
+        "mine": states.STARTED,  # the asked-for job comes back in any state
+        "done": states.SUCCESS,
+        "failed": states.FAILURE,
+    }
+    assert records["done"].result == b"42" and records["failed"].error == {"type": "E"}
+    assert broker.fetch_finished("unknown", []) == []
+    assert [r.id for r in broker.fetch_finished("done", [])] == ["done"]
+
+
 def test_claims_take_priority_then_age_and_respect_eta_and_queues(broker: Broker) -> None:
     now = time.time()
     broker.enqueue(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import subprocess
 import sys
 import time
@@ -173,6 +174,40 @@ def test_results_exceptions_and_retries_come_back_from_a_worker(tasks, tmp_path:
 
     assert flaky.get(timeout=5) == 3
     assert (tmp_path / "attempts").read_text() == "xxx"
+
+
+def test_waiting_for_many_results_in_turn_reads_them_in_batches(  # type: ignore[no-untyped-def]
+    tasks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = [tasks.add.delay(i, i) for i in range(100)]
+    unserved = [tasks.add.apply_async((0, 0), queue="nobody") for _ in range(40)]
+    dropped = tasks.add.apply_async((0, 0), queue="nobody")
+    dropped_id = dropped.id
+    del dropped
+    gc.collect()
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "2")
+
+    broker = tasks.app.broker
+    read = broker.fetch_finished
+    asked: list[list[str]] = []
+
+    def counting(job_id: str, others: list[str]) -> list[object]:
+        asked.append(list(others))
+        return read(job_id, others)
+
+    monkeypatch.setattr(broker, "fetch_finished", counting)
+    assert [r.get(timeout=5) for r in results] == [2 * i for i in range(100)]
+    assert 1 <= len(asked) <= 5, [len(others) for others in asked]  # not one read per result
+    reads = len(asked)
+    assert all(r.state == states.SUCCESS for r in results)
+    assert len(asked) == reads  # final states are kept: no more reads
+
+    # One handle polled while the others stay unfinished asks after fewer and fewer.
+    for _ in range(6):
+        assert unserved[0].state == states.PENDING
+    sizes = [len(others) for others in asked[reads:]]
+    assert sizes[-1] < sizes[0] and sizes == sorted(sizes, reverse=True), sizes
+    assert not any(dropped_id in others for others in asked)  # dropped handles drop out
 
 
 def test_async_result_is_rebuilt_from_an_id_in_another_process(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

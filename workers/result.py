@@ -3,11 +3,17 @@
 ``add.delay(2, 3)`` returns an :class:`AsyncResult`; ``AsyncResult(job_id, app=app)``
 rebuilds one from a bare id (in another process, a web request, the CLI). Every
 property reads the broker afresh; nothing is cached except final states.
+
+A read for one handle also asks after other handles of the same App in this process
+whose job was not yet seen finished, and keeps the final states it finds: waiting for a
+thousand results in turn then costs a few reads, not a thousand.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
@@ -18,6 +24,64 @@ from workers.errors import JobExpired, JobRevoked, ResultTimeout, WorkersError
 from workers.failures import rebuild
 
 R = TypeVar("R")
+
+
+class _Unfinished:
+    """One App's result handles in this process whose job was not yet seen final,
+    oldest first (weak references: a handle dropped by its owner drops out).
+
+    A read for one handle asks after up to :attr:`batch` others in the same query. The
+    batch doubles (to 256) after a read that found some of them finished and halves (to
+    4) after one that found none, so a lone handle polled while others wait pays little.
+    """
+
+    SMALLEST, LARGEST = 4, 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # handles are made and read from any thread
+        self._handles: weakref.WeakValueDictionary[str, AsyncResult[Any]] = (
+            weakref.WeakValueDictionary()
+        )
+        self.batch = 32
+
+    def add(self, handle: AsyncResult[Any]) -> None:
+        with self._lock:
+            self._handles[handle.id] = handle
+
+    def discard(self, handle: AsyncResult[Any]) -> None:
+        with self._lock:
+            if self._handles.get(handle.id) is handle:
+                del self._handles[handle.id]
+
+    def others(self, job_id: str) -> dict[str, AsyncResult[Any]]:
+        """Up to :attr:`batch` handles for jobs other than ``job_id``, oldest first."""
+        picked: dict[str, AsyncResult[Any]] = {}
+        with self._lock:
+            for other_id, handle in self._handles.items():
+                if len(picked) >= self.batch:
+                    break
+                if other_id != job_id:
+                    picked[other_id] = handle
+        return picked
+
+    def learn(self, asked: int, finished: int) -> None:
+        """Adjust the batch after a read that asked after ``asked`` others."""
+        if finished:
+            self.batch = min(self.batch * 2, self.LARGEST)
+        elif asked:
+            self.batch = max(self.batch // 2, self.SMALLEST)
+
+
+_unfinished: weakref.WeakKeyDictionary[App, _Unfinished] = weakref.WeakKeyDictionary()
+_unfinished_lock = threading.Lock()
+
+
+def _unfinished_of(app: App) -> _Unfinished:
+    with _unfinished_lock:
+        unfinished = _unfinished.get(app)
+        if unfinished is None:
+            unfinished = _unfinished[app] = _Unfinished()
+        return unfinished
 
 
 class AsyncResult(Generic[R]):
@@ -34,6 +98,8 @@ class AsyncResult(Generic[R]):
         self.id = id
         self.app = chosen
         self._final: JobRecord | None = None
+        self._unfinished = _unfinished_of(chosen)
+        self._unfinished.add(self)
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id} {self.state}>"
@@ -47,10 +113,23 @@ class AsyncResult(Generic[R]):
     def _record(self) -> JobRecord | None:
         if self._final is not None:
             return self._final
-        record = self.app.broker.fetch(self.id)
-        if record is not None and record.state in states.READY_STATES:
+        others = self._unfinished.others(self.id)
+        mine = None
+        finished = 0
+        for record in self.app.broker.fetch_finished(self.id, list(others)):
+            handle = self if record.id == self.id else others.get(record.id)
+            if handle is self:
+                mine = record
+            if handle is not None and record.state in states.READY_STATES:
+                finished += handle is not self
+                handle._finish(record)
+        self._unfinished.learn(len(others), finished)
+        return mine
+
+    def _finish(self, record: JobRecord) -> None:
+        if self._final is None:
             self._final = record
-        return record
+            self._unfinished.discard(self)
 
     @property
     def state(self) -> str:
@@ -171,4 +250,5 @@ class AsyncResult(Generic[R]):
         """
         revoked = self.app.broker.revoke(self.id, time.time())
         self._final = None
+        self._unfinished.add(self)
         return revoked

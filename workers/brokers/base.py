@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from workers import states
 from workers.errors import BrokerURLError
 
 log = logging.getLogger("workers.brokers")
@@ -279,6 +280,10 @@ class JobRecord:
         )
 
 
+FINAL_STATES_SQL = "(" + ", ".join(f"'{state}'" for state in sorted(states.READY_STATES)) + ")"
+"""The final states as an SQL list, for ``state IN ...``."""
+
+
 def worker_lost_error(max_deliveries: int) -> str:
     """The ``error`` (JSON) stored on a job that failed because its worker kept dying."""
     return json.dumps(
@@ -441,6 +446,15 @@ class Broker(ABC):
     @abstractmethod
     def fetch(self, job_id: str) -> JobRecord | None:
         """The job with this id, or ``None``."""
+
+    def fetch_finished(self, job_id: str, others: Sequence[str]) -> list[JobRecord]:
+        """The job ``job_id`` (in any state, if known) and those of ``others`` that are
+        in a final state, in any order: one read for many result handles.
+
+        The default reads ``job_id`` alone; brokers answer for ``others`` in the same query.
+        """
+        record = self.fetch(job_id)
+        return [] if record is None else [record]
 
     @abstractmethod
     def revoke(self, job_id: str, now: float) -> bool:

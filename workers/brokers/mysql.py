@@ -49,6 +49,7 @@ import pymysql.constants.CLIENT
 
 from workers import states
 from workers.brokers.base import (
+    FINAL_STATES_SQL,
     BrokerURL,
     ClaimedJob,
     JobRecord,
@@ -527,6 +528,17 @@ class MySQLBroker(ServerBroker):
     def fetch(self, job_id: str) -> JobRecord | None:
         rows = self._run(f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = %s", (job_id,))
         return JobRecord.from_row(rows[0], copy_blobs=True) if rows else None
+
+    def fetch_finished(self, job_id: str, others: Sequence[str]) -> list[JobRecord]:
+        if not others:
+            return super().fetch_finished(job_id, others)
+        marks = ", ".join(["%s"] * len(others))
+        rows = self._run(
+            f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs"
+            f" WHERE id = %s OR (id IN ({marks}) AND state IN {FINAL_STATES_SQL})",
+            (job_id, *others),
+        )
+        return [JobRecord.from_row(row, copy_blobs=True) for row in rows]
 
     def revoke(self, job_id: str, now: float) -> bool:
         revoked = (

@@ -58,6 +58,7 @@ import psycopg2.extensions
 
 from workers import states
 from workers.brokers.base import (
+    FINAL_STATES_SQL,
     BrokerURL,
     ClaimedJob,
     JobRecord,
@@ -306,6 +307,12 @@ RECORD_AND_CLAIM_SOME_QUEUES = _Statement(
 )
 FETCH = _Statement(
     "forksafe_fetch", ("text",), f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs WHERE id = $1"
+)
+FETCH_FINISHED = _Statement(
+    "forksafe_fetch_finished",
+    ("text", "text[]"),
+    f"SELECT {_JOB_COLUMNS} FROM forksafe_jobs"
+    f" WHERE id = $1 OR (id = ANY($2) AND state IN {FINAL_STATES_SQL})",
 )
 
 
@@ -660,6 +667,13 @@ class PostgresBroker(ServerBroker):
         self._want(DONE_CHANNEL)
         rows = self._run(FETCH, (job_id,))
         return JobRecord.from_row(rows[0], copy_blobs=True) if rows else None
+
+    def fetch_finished(self, job_id: str, others: Sequence[str]) -> list[JobRecord]:
+        if not others:
+            return super().fetch_finished(job_id, others)
+        self._want(DONE_CHANNEL)
+        rows = self._run(FETCH_FINISHED, (job_id, list(others)))
+        return [JobRecord.from_row(row, copy_blobs=True) for row in rows]
 
     def revoke(self, job_id: str, now: float) -> bool:
         rows = self._run(
