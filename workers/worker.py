@@ -233,6 +233,7 @@ class Worker:
         wait for the heartbeat thread ``beat`` to end."""
         broker = self.app.broker
         done: list[Done] = []  # finished, outcome not yet recorded
+        drained = False  # the previous claim emptied the queue
         try:
             while not self.stopping.is_set():
                 if os.getppid() != self.supervisor_pid:
@@ -241,24 +242,27 @@ class Worker:
                     )
                     self.exit_code = EXIT_ORPHANED
                     break
+                if drained:
+                    self._gather()
                 now = time.time()
                 self._last_claim = time.monotonic()
                 recorded, done = done, []
+                limit = self._claim_limit()
                 stored, jobs = broker.record_and_claim(
                     [outcome for _, outcome, _ in recorded],
                     self.id,
                     self.config.queues,
-                    self._claim_limit(),
+                    limit,
                     self.app.lease_seconds,
                     now,
                 )
                 self._recorded(recorded, stored)
+                drained = len(jobs) < limit  # the queue had no more: more arrive one by one
                 if not jobs:
                     if self.config.burst and broker.outstanding(self.config.queues, now) == 0:
                         log.debug("worker %d: queue drained (burst)", self.pid)
                         break
                     broker.wait(self.config.idle_wait)
-                    self._gather()
                     continue
                 done = self._run_batch(jobs)
                 if self._should_recycle():
@@ -276,9 +280,10 @@ class Worker:
                 beat.join(timeout=self.config.heartbeat_interval + 1)
 
     def _gather(self) -> None:
-        """After a wake-up that came soon after the previous claim, let the broker's
-        ``gather_seconds`` pass since that claim before the next one: jobs submitted in
-        a stream are then claimed a few at a time; a job submitted alone, at once."""
+        """Before a claim that follows one which emptied the queue (whether or not it
+        found jobs), let the broker's ``gather_seconds`` pass since that claim: jobs
+        submitted in a stream are then claimed a few at a time instead of one claim per
+        job; a job submitted alone, long after the previous claim, is claimed at once."""
         pause = self._last_claim + self.app.broker.gather_seconds - time.monotonic()
         if pause > 0:
             time.sleep(pause)

@@ -504,10 +504,10 @@ class Broker(ABC):
         time.sleep(timeout)
 
     gather_seconds = 0.0
-    """An idle worker woken sooner than this after its previous claim waits until then
-    before claiming again (see :mod:`workers.worker`). Brokers whose wake-up reaches
-    every idle worker at once set it, so a stream of submissions is claimed a few jobs
-    at a time instead of one claim per job and per waiter."""
+    """A worker whose previous claim emptied the queue claims again no sooner than this
+    after it (see :mod:`workers.worker`). Brokers whose claims are costly and whose
+    wake-up reaches every idle worker at once set it, so a stream of submissions is
+    claimed a few jobs at a time instead of one claim per job and per waiter."""
 
     def hold_connection(self) -> AbstractContextManager[None]:
         """A context in which this thread's operations keep to one connection.
