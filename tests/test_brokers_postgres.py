@@ -21,6 +21,7 @@ from workers.brokers import NewJob, Outcome, create_broker
 from workers.brokers.postgres import (
     CLAIM_ONE_QUEUE,
     FETCH,
+    IDLE_KEY,
     RECORD_AND_CLAIM_ONE_QUEUE,
     PostgresBroker,
 )
@@ -137,6 +138,73 @@ def test_outcomes_notify_only_while_a_result_reader_listens(queue: str, postgres
         reader.close()
     finally:
         listener.close()
+
+
+def test_submissions_notify_only_while_a_session_waits_for_jobs(
+    queue: str, postgres: Any
+) -> None:
+    producer = create_broker(queue)
+    producer.setup()
+    now = time.time()
+    listener = postgres.connect()  # hears forksafe_jobs, but does not wait for jobs
+    worker = create_broker(queue)
+    try:
+        listener.cursor().execute("LISTEN forksafe_jobs")
+        producer.enqueue([job("a")], now)
+        assert _heard(listener) == 0  # nobody waits: nobody is woken
+        with worker.hold_connection():
+            assert worker.claim("w", ["default"], 5, 30, now)  # busy
+            producer.enqueue([job("b")], now)
+            assert _heard(listener) == 0
+            assert worker.claim("w", ["default"], 5, 30, now)  # takes b
+            assert worker.claim("w", ["default"], 5, 30, now) == []
+            worker.wait(5)  # returns at once: now it waits for jobs, so look again
+            assert worker.claim("w", ["default"], 5, 30, now) == []
+            producer.enqueue([job("c")], now)
+            assert _heard(listener) == 1
+            started = time.monotonic()
+            worker.wait(5)  # woken by it
+            assert time.monotonic() - started < 2
+            assert [j.id for j in worker.claim("w", ["default"], 5, 30, now)] == ["c"]
+            producer.enqueue([job("d")], now)  # still counted as waiting
+            assert _heard(listener) == 1
+            assert [j.id for j in worker.claim("w", ["default"], 5, 30, now)] == ["d"]
+            producer.enqueue([job("e")], now)  # that claim found jobs: busy again
+            assert _heard(listener) == 0
+    finally:
+        listener.close()
+        worker.close()
+        producer.close()
+
+
+def test_a_session_starting_to_wait_waits_for_a_submission_that_saw_no_waiter(
+    queue: str, postgres: Any
+) -> None:
+    broker = create_broker(queue)
+    broker.setup()
+    submitter = postgres.connect()
+    try:
+        # What a submission does before it commits: it found no session waiting.
+        submitter.autocommit = False
+        cursor = submitter.cursor()
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", (IDLE_KEY,))
+        assert cursor.fetchone()[0]
+        cursor.execute(
+            "INSERT INTO forksafe_jobs (id, task, queue, state, priority, payload,"
+            " serializer, run_at, created_at) VALUES ('late', 't', 'default', 'PENDING',"
+            " 0, '', 'json', 0, 0)"
+        )
+        waited = threading.Thread(target=broker.wait, args=(10,))
+        waited.start()  # takes the waiters' lock, then returns (it was not waiting)
+        waited.join(0.5)
+        assert waited.is_alive()  # not before that submission commits
+        submitter.commit()
+        waited.join(5)
+        assert not waited.is_alive()
+        assert [j.id for j in broker.claim("w", ["default"], 5, 30, time.time())] == ["late"]
+    finally:
+        submitter.close()
+        broker.close()
 
 
 def test_a_held_connection_the_server_ends_is_replaced(queue: str, postgres: Any) -> None:

@@ -23,8 +23,10 @@ How it works:
   on listens to the first, one ``AsyncResult.get()`` waits on to the second, so
   an idle worker (or a result reader) wakes within a millisecond of the commit
   instead of polling. PostgreSQL wakes every listening session of the database for
-  any ``NOTIFY``, so outcomes notify only while a session listens for them (it holds
-  an advisory lock shared; the outcome's statement tries it exclusively).
+  any ``NOTIFY``, so both notify only while a session would hear them: one that waits
+  for jobs, or listens for outcomes, holds an advisory lock shared, and the writing
+  statement tries it exclusively. Workers busy with a stream of jobs hold nothing,
+  and are not woken by each submission.
 * **Prepared statements.** The statements run once or more per job (submit, claim,
   record, record-and-claim, fetch) are prepared once per connection and then
   executed by name, soon with one plan kept for all parameters: parsing and
@@ -75,9 +77,25 @@ SCHEMA_VERSION = 1
 LOCK_KEY = 0x666F726B73616665  # "forksafe"
 READERS_KEY = LOCK_KEY + 1
 """Advisory lock held (shared) by every session that listens to ``DONE_CHANNEL``."""
+IDLE_KEY = LOCK_KEY + 2
+"""Advisory lock held (shared) by every session that waits for new jobs, from before the
+claim that finds the queue empty until after one that finds jobs."""
 JOBS_CHANNEL = "forksafe_jobs"
 DONE_CHANNEL = "forksafe_done"
 CHANNELS = frozenset({JOBS_CHANNEL, DONE_CHANNEL})
+_HEARERS = {JOBS_CHANNEL: IDLE_KEY, DONE_CHANNEL: READERS_KEY}
+"""The lock that sessions which would hear a channel hold shared."""
+
+
+def _unheard(channel: str) -> str:
+    """An SQL condition, true when no session would hear ``channel`` now.
+
+    It takes the channel's lock exclusively until the transaction ends when it can, so
+    a session that starts listening meanwhile waits for the commit, then sees it.
+    """
+    return f"pg_try_advisory_xact_lock({_HEARERS[channel]})"
+
+
 OWN_OPTIONS = ("retry_for", "max_connections")
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -139,15 +157,13 @@ _JOB_COLUMNS = (
 
 def _notify(channel: str, where: str = "TRUE", name: str = "notified") -> str:
     """A CTE to append after a data-modifying CTE ``changed``: ``NOTIFY channel`` once,
-    in the same statement (so in the same commit), if a changed row matches ``where``.
-
-    Outcomes are announced only while some session listens for them, which holds
-    ``READERS_KEY`` shared: if the exclusive lock is free, nobody would hear it.
+    in the same statement (so in the same commit), if a changed row matches ``where``
+    and a session would hear it (see :func:`_unheard`).
     """
-    gate = f" WHERE NOT pg_try_advisory_xact_lock({READERS_KEY})" if channel == DONE_CHANNEL else ""
     return (
         f", {name} AS MATERIALIZED (SELECT pg_notify('{channel}', '')"
-        f" FROM (SELECT 1 FROM changed WHERE {where} LIMIT 1) one{gate})"
+        f" FROM (SELECT 1 FROM changed WHERE {where} LIMIT 1) one"
+        f" WHERE NOT {_unheard(channel)})"
     )
 
 
@@ -163,6 +179,8 @@ class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]
         super().__init__(dsn, *args, **kwargs)
         self.listening: frozenset[str] = frozenset()
         self.prepared: set[str] = set()
+        self.idle = False  # holds IDLE_KEY
+        self.busy_again = False  # found jobs since: let IDLE_KEY go with the next statement
 
 
 @dataclass(frozen=True)
@@ -178,7 +196,8 @@ class _Statement:
     types: tuple[str, ...]
     text: str
     notify: str | None = None
-    """A channel to ``NOTIFY`` in the same transaction (the same query message)."""
+    """A channel to notify in the same transaction (the same query message), if a
+    session would hear it."""
     prepare: str = field(init=False)
     execute: str = field(init=False)
 
@@ -188,7 +207,10 @@ class _Statement:
         prepare = f"PREPARE {self.name} ({', '.join(self.types)}) AS {self.text}"
         execute = f"EXECUTE {self.name} ({marks})"
         if self.notify is not None:  # first: the reply is the last statement's rows
-            execute = f"NOTIFY {self.notify}; {execute}"
+            execute = (
+                f"SELECT pg_notify('{self.notify}', '') WHERE NOT {_unheard(self.notify)};"
+                f" {execute}"
+            )
         object.__setattr__(self, "prepare", prepare)
         object.__setattr__(self, "execute", execute)
 
@@ -364,6 +386,14 @@ def _outcome_columns(outcomes: Sequence[Outcome]) -> list[list[Any]]:
     return columns
 
 
+def _found_jobs(con: Any) -> None:
+    """A claim on ``con`` found jobs: if its session waited for jobs, it stops waiting
+    (lets ``IDLE_KEY`` go) with its next statement, so submissions stop notifying it."""
+    raw = con.dbapi_connection
+    if raw.idle:
+        raw.busy_again = True
+
+
 def _claimed(rows: list[Any], lease: str) -> list[ClaimedJob]:
     """Claimed rows (``id, task, queue, payload, serializer, priority, retries,
     deliveries, run_at``) as jobs, highest priority then oldest first."""
@@ -447,14 +477,18 @@ class PostgresBroker(ServerBroker):
         by :meth:`_attempt`, which lets the pooled connection reconnect for its next use.
         """
         raw = con.dbapi_connection
+        prefix = ""
+        if raw.busy_again:  # in the same query message, before the statement
+            prefix = f"SELECT pg_advisory_unlock_shared({IDLE_KEY}); "
+            raw.idle = raw.busy_again = False
         with raw.cursor() as cursor:
             if isinstance(sql, _Statement):
                 if sql.name not in raw.prepared:
                     cursor.execute(sql.prepare)
                     raw.prepared.add(sql.name)
-                cursor.execute(sql.execute, params)
+                cursor.execute(prefix + sql.execute, params)
             else:
-                cursor.execute(sql, params)
+                cursor.execute(prefix + sql, params)
             described = cursor.description is not None
             rows = cursor.fetchall() if described else []
             count = cursor.rowcount
@@ -534,10 +568,13 @@ class PostgresBroker(ServerBroker):
 
         def work(con: Any) -> list[Any]:
             try:
-                return self._execute(con, statement, params)
+                rows = self._execute(con, statement, params)
             except self.transient:
                 self._doubt(worker, lease)
                 raise
+            if rows:
+                _found_jobs(con)
+            return rows
 
         return _claimed(self._attempt(work, False, []), lease)
 
@@ -570,10 +607,13 @@ class PostgresBroker(ServerBroker):
 
         def work(con: Any) -> list[Any] | None:
             try:
-                return self._execute(con, statement, params)
+                rows = self._execute(con, statement, params)
             except self.transient:
                 self._doubt(worker, lease)
                 raise
+            if rows[0][1] is not None:
+                _found_jobs(con)
+            return rows
 
         rows = self._attempt(work, False, None)
         if rows is None:  # unreachable: whether it committed is unknown; record as usual
@@ -754,6 +794,12 @@ class PostgresBroker(ServerBroker):
         at once: what was committed before the ``LISTEN`` must be looked for again.
         Connections never used for waiting listen to nothing, so a ``NOTIFY`` wakes only
         the sessions that care.
+
+        New jobs notify only while some session waits for them, that is holds
+        ``IDLE_KEY`` shared: a wait for jobs without it takes it and returns at once (the
+        claim that follows sees every job whose submission saw no waiter), and a claim
+        that finds jobs lets it go with the session's next statement. So a busy fleet
+        is not woken by every submission.
         """
         if self._changed:
             self._changed = False
@@ -765,19 +811,26 @@ class PostgresBroker(ServerBroker):
         def work(con: Any) -> None:
             raw = con.dbapi_connection
             missing = wanted - raw.listening
-            if missing:
+            for_jobs = JOBS_CHANNEL in wanted
+            if for_jobs:
+                raw.busy_again = False  # waiting again: keep IDLE_KEY
+            if missing or (for_jobs and not raw.idle):
                 statements = [f"LISTEN {name}" for name in sorted(missing)]
+                # Each lock is taken once every submission (or outcome) that saw it
+                # free has committed: what those wrote is seen by the claim (or read)
+                # that follows this wait; any later one finds the lock held and
+                # notifies.
                 if DONE_CHANNEL in missing:
-                    # In the LISTEN's transaction: an outcome committed before it
-                    # is seen by the read that follows this wait, any later one
-                    # finds the lock held and notifies.
                     statements.append(f"SELECT pg_advisory_lock_shared({READERS_KEY})")
+                if for_jobs and not raw.idle:
+                    statements.append(f"SELECT pg_advisory_lock_shared({IDLE_KEY})")
                 cursor = con.cursor()
                 try:
                     cursor.execute("; ".join(statements))
                 finally:
                     cursor.close()
                 raw.listening = raw.listening | missing
+                raw.idle = raw.idle or for_jobs
                 return
             while True:
                 raw.poll()
