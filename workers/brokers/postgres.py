@@ -200,19 +200,26 @@ class _Statement:
     session would hear it."""
     prepare: str = field(init=False)
     execute: str = field(init=False)
+    first: _Statement | None = field(init=False)
+    """A statement without parameters that :attr:`execute` runs first (the notifying)."""
 
     def __post_init__(self) -> None:
         # Explicit casts: a list of NULLs would otherwise be text[], not bytea[].
         marks = ", ".join(f"%s::{kind}" for kind in self.types)
-        prepare = f"PREPARE {self.name} ({', '.join(self.types)}) AS {self.text}"
-        execute = f"EXECUTE {self.name} ({marks})"
+        types = f" ({', '.join(self.types)})" if self.types else ""
+        prepare = f"PREPARE {self.name}{types} AS {self.text}"
+        execute = f"EXECUTE {self.name} ({marks})" if self.types else f"EXECUTE {self.name}"
+        first = None
         if self.notify is not None:  # first: the reply is the last statement's rows
-            execute = (
-                f"SELECT pg_notify('{self.notify}', '') WHERE NOT {_unheard(self.notify)};"
-                f" {execute}"
+            first = _Statement(
+                f"{self.notify}_if_heard",
+                (),
+                f"SELECT pg_notify('{self.notify}', '') WHERE NOT {_unheard(self.notify)}",
             )
+            execute = f"{first.execute}; {execute}"
         object.__setattr__(self, "prepare", prepare)
         object.__setattr__(self, "execute", execute)
+        object.__setattr__(self, "first", first)
 
 
 _NEW_JOB_COLUMNS = (
@@ -483,9 +490,10 @@ class PostgresBroker(ServerBroker):
             raw.idle = raw.busy_again = False
         with raw.cursor() as cursor:
             if isinstance(sql, _Statement):
-                if sql.name not in raw.prepared:
-                    cursor.execute(sql.prepare)
-                    raw.prepared.add(sql.name)
+                for statement in (sql.first, sql):
+                    if statement is not None and statement.name not in raw.prepared:
+                        cursor.execute(statement.prepare)
+                        raw.prepared.add(statement.name)
                 cursor.execute(prefix + sql.execute, params)
             else:
                 cursor.execute(prefix + sql, params)
