@@ -4,6 +4,7 @@ milliseconds, and a connection budget the whole fleet keeps."""
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import subprocess
 import threading
@@ -140,9 +141,7 @@ def test_outcomes_notify_only_while_a_result_reader_listens(queue: str, postgres
         listener.close()
 
 
-def test_submissions_notify_only_while_a_session_waits_for_jobs(
-    queue: str, postgres: Any
-) -> None:
+def test_submissions_notify_only_while_a_session_waits_for_jobs(queue: str, postgres: Any) -> None:
     producer = create_broker(queue)
     producer.setup()
     now = time.time()
@@ -334,3 +333,20 @@ def test_a_budget_too_small_for_the_workers_is_refused(queue: str, tmp_path: Pat
     )
     assert result.returncode == 2
     assert "--db-connections 4 cannot give the supervisor and 4 workers" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_ttin_adds_no_worker_beyond_the_connection_budget(  # type: ignore[no-untyped-def]
+    queue: str, tmp_path: Path, run_workers
+) -> None:
+    write_fleet_tasks(tmp_path, queue)
+    # Supervisor 1 + 2 workers x 2 = 5 of 6: no room for a third worker.
+    run = run_workers(tmp_path / "tasks.py", "--workers", "2", "--db-connections", "6")
+    run.wait_for_workers(2, timeout=30)
+    run.signal(signal.SIGTTIN)
+    run.wait_for_log("SIGTTIN ignored: the connection budget (--db-connections) has room for 2")
+    run.signal(signal.SIGTTOU)
+    run.wait_for_workers(1, timeout=30)
+    run.signal(signal.SIGTTIN)
+    run.wait_for_workers(2, timeout=30)
+    assert "SIGTTIN: 2 workers" in run.log

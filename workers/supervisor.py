@@ -248,6 +248,14 @@ class Supervisor:
         self.manage_workers()
 
     def handle_ttin(self) -> None:
+        allowed = self.app.broker.workers_allowed()
+        if allowed is not None and self.num_workers >= allowed:
+            log.warning(
+                "SIGTTIN ignored: the connection budget (--db-connections) has room for %d"
+                " workers; raise it to add more",
+                allowed,
+            )
+            return
         self.num_workers += 1
         log.info("SIGTTIN: %d workers", self.num_workers)
         self.manage_workers()

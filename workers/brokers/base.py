@@ -522,5 +522,10 @@ class Broker(ABC):
         """The broker's connection pool counters, if its pool keeps any."""
         return {}
 
+    def workers_allowed(self) -> int | None:
+        """How many forked workers a connection budget leaves room for (``None``: no
+        budget, see ``forksafe run --db-connections``)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Close this process's connections; the broker reopens them on next use."""

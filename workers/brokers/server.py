@@ -399,6 +399,11 @@ class ServerBroker(Broker):
             stats["fleet_budget"] = self._budget
         return stats
 
+    def workers_allowed(self) -> int | None:
+        if self._budget is None:
+            return None
+        return (self._budget - self._own_limit) // self._forked_limit
+
     def close(self) -> None:
         pool = self._pool
         if pool is not None and self._pool_pid == os.getpid():
