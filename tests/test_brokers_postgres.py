@@ -7,6 +7,7 @@ import json
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -350,3 +351,26 @@ def test_ttin_adds_no_worker_beyond_the_connection_budget(  # type: ignore[no-un
     run.signal(signal.SIGTTIN)
     run.wait_for_workers(2, timeout=30)
     assert "SIGTTIN: 2 workers" in run.log
+
+
+def test_threads_of_a_process_share_one_pool(queue: str) -> None:
+    broker = create_broker(queue)
+    assert isinstance(broker, PostgresBroker)
+    start = threading.Barrier(8)
+    pools: list[object] = []
+
+    def first_use() -> None:
+        start.wait()
+        pools.append(broker._process_pool())
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as they can
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(pools) == 8 and len({id(pool) for pool in pools}) == 1

@@ -69,6 +69,11 @@ MAX_PAUSE = 1.0
 
 WAITING_STATES = ("PENDING", "SCHEDULED", "RETRY")
 
+# Held while a process builds a broker's pool. A child gets a fresh lock: the one it
+# inherits may have been held by a thread of the parent at the fork.
+_new_pools = [threading.Lock()]
+os.register_at_fork(after_in_child=lambda: _new_pools.__setitem__(0, threading.Lock()))
+
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
@@ -176,25 +181,29 @@ class ServerBroker(Broker):
         pool = self._pool
         if pool is not None and self._pool_pid == pid:
             return pool
-        # A forked child gets a pool of its own with the child's cap. The inherited one
-        # already dropped the parent's connections without a word to the server.
-        limit = self._own_limit if pid == self._owner_pid else self._forked_limit
-        pool = PooledDB(
-            self._connect,
-            0,
-            limit,
-            0,
-            limit,
-            True,
-            None,
-            None,
-            True,
-            self.failures,
-            0,
-            maxwait=POOL_WAIT,
-        )
-        self._pool, self._pool_pid = pool, pid
-        return pool
+        with _new_pools[0]:  # one pool per process, however many threads start at once
+            pool = self._pool
+            if pool is not None and self._pool_pid == pid:
+                return pool
+            # A forked child gets a pool of its own with the child's cap. The inherited
+            # one already dropped the parent's connections without a word to the server.
+            limit = self._own_limit if pid == self._owner_pid else self._forked_limit
+            pool = PooledDB(
+                self._connect,
+                0,
+                limit,
+                0,
+                limit,
+                True,
+                None,
+                None,
+                True,
+                self.failures,
+                0,
+                maxwait=POOL_WAIT,
+            )
+            self._pool, self._pool_pid = pool, pid
+            return pool
 
     def _limit(self) -> int:
         """This process's connection cap (0: none)."""
