@@ -117,7 +117,6 @@ def test_three_supervisors_share_5000_jobs_under_random_sigkill_and_record_each_
     url = server_url(server)
     tasks = load_tasks(write_fleet_tasks(tmp_path, url))
     out = tmp_path / "runs.txt"
-    handles = submit(tasks, 5000, out)
     fleet = [
         run_workers(
             tmp_path / "tasks.py",
@@ -146,6 +145,7 @@ def test_three_supervisors_share_5000_jobs_under_random_sigkill_and_record_each_
         return hosts if hosts == {"host-0": 2, "host-1": 2, "host-2": 2} else None
 
     wait_until(every_host_listed, 30, "every host's workers in forksafe status")
+    handles = submit(tasks, 5000, out)  # now: the kills below land while the jobs run
     rng = random.Random(11)
     killed: set[int] = set()
     deadline = time.monotonic() + 180

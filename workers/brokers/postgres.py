@@ -29,10 +29,11 @@ How it works:
   and are not woken by each submission.
 * **Prepared statements.** The statements run once or more per job (submit, claim,
   record, record-and-claim, fetch) are prepared once per connection and then
-  executed by name, soon with one plan kept for all parameters: parsing and
-  planning them cost the server more than running them. A plan kept from when the
-  table was small must not scan it whole later, so the broker's sessions run with
-  ``enable_seqscan = off`` (every statement it runs often has an index to use).
+  executed by name with one plan kept for all parameters (``plan_cache_mode =
+  force_generic_plan``): parsing and planning them cost the server more than running
+  them. A plan kept from when the table was small must not scan it whole later, so the
+  broker's sessions run with ``enable_seqscan = off`` (every statement it runs often
+  has an index to use).
 * **Record and claim together.** A worker that finishes a batch writes its outcomes
   and takes its next batch in one statement, so a job that arrives alone costs the
   worker two round trips (claim, then record-and-claim), not three.
@@ -295,6 +296,9 @@ CLAIM_SOME_QUEUES = _Statement(
 )
 
 _OUTCOME_TYPES = ("text[]", "text[]", "text[]", "bytea[]", "text[]", "text[]", "float8[]", "float8")
+# Only a STARTED job has a lease (every other state change clears it), so the lease
+# match is the state test. Testing state too would let the planner add a scan of a partial
+# index over every started job, live or dead, to each outcome's primary key lookup.
 _RECORD = (
     "WITH v (jid, jlease, jstate, jresult, jerror, jtraceback, jeta) AS"
     " (SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7)),"
@@ -304,7 +308,6 @@ _RECORD = (
     " run_at = CASE WHEN v.jstate = 'RETRY' THEN v.jeta ELSE j.run_at END,"
     " retries = j.retries + (v.jstate = 'RETRY')::integer"
     " FROM v WHERE j.id = ANY($1) AND j.id = v.jid AND j.lease = v.jlease"
-    " AND j.state = 'STARTED'"
     " RETURNING j.id, j.state)"
     + _notify(DONE_CHANNEL)
     + _notify(JOBS_CHANNEL, "state = 'RETRY'", "requeued")
@@ -443,8 +446,10 @@ class PostgresBroker(ServerBroker):
             cursor = con.cursor()
             # A prepared statement's plan is kept; one made while the table was
             # small would go on scanning it whole once it is large. Every hot
-            # statement has an index (or a row address) to go by instead.
-            cursor.execute("SET enable_seqscan = off")
+            # statement has an index (or a row address) to go by instead. Its one
+            # plan is used from the start: left to choose, the server planned some
+            # statements afresh at every run (costlier than running them).
+            cursor.execute("SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan")
             cursor.close()
         except BaseException:
             con.close()
