@@ -210,6 +210,19 @@ def test_waiting_for_many_results_in_turn_reads_them_in_batches(  # type: ignore
     assert not any(dropped_id in others for others in asked)  # dropped handles drop out
 
 
+def test_a_child_forked_while_a_thread_makes_result_handles_can_make_them(  # type: ignore[no-untyped-def]
+    tasks,
+) -> None:
+    from forking import fork_child
+
+    from workers.result import _unfinished_of
+
+    held = _unfinished_of(tasks.app)._lock
+    with held:  # as if another thread were making a handle at the fork
+        answer = fork_child(lambda: AsyncResult("made-in-child", app=tasks.app).id, timeout=10)
+    assert answer == "made-in-child"
+
+
 def test_async_result_is_rebuilt_from_an_id_in_another_process(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     job = tasks.add.delay(20, 22)
     burst(tmp_path, tmp_path / "tasks.py", "--workers", "1")

@@ -11,6 +11,7 @@ thousand results in turn then costs a few reads, not a thousand.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -82,6 +83,18 @@ def _unfinished_of(app: App) -> _Unfinished:
         if unfinished is None:
             unfinished = _unfinished[app] = _Unfinished()
         return unfinished
+
+
+def _fresh_locks_after_fork() -> None:
+    """A forked child gets new locks: an inherited one may have been held by a thread
+    of the parent at the fork, and would never be released in the child."""
+    global _unfinished_lock
+    _unfinished_lock = threading.Lock()
+    for unfinished in _unfinished.values():
+        unfinished._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_after_fork)
 
 
 class AsyncResult(Generic[R]):
