@@ -448,8 +448,11 @@ class PostgresBroker(ServerBroker):
             # small would go on scanning it whole once it is large. Every hot
             # statement has an index (or a row address) to go by instead. Its one
             # plan is used from the start: left to choose, the server planned some
-            # statements afresh at every run (costlier than running them).
-            cursor.execute("SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan")
+            # statements afresh at every run (costlier than running them). And short
+            # statements only: compiling one (JIT) never pays off here.
+            cursor.execute(
+                "SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan; SET jit = off"
+            )
             cursor.close()
         except BaseException:
             con.close()
@@ -720,6 +723,19 @@ class PostgresBroker(ServerBroker):
         self._want(DONE_CHANNEL)
         rows = self._run(FETCH, (job_id,))
         return JobRecord.from_row(rows[0], copy_blobs=True) if rows else None
+
+    def _count_all(self) -> list[Any]:
+        # The one statement that must read the whole table: sequential scans allowed
+        # again, for its own transaction.
+        def work(con: Any) -> list[Any]:
+            with con.dbapi_connection.cursor() as cursor:
+                cursor.execute("BEGIN; SET LOCAL enable_seqscan = on")
+                cursor.execute(self.COUNTS)
+                rows = cursor.fetchall()
+                cursor.execute("COMMIT")
+            return list(rows)
+
+        return self._attempt(work, True, [])
 
     def fetch_finished(self, job_id: str, others: Sequence[str]) -> list[JobRecord]:
         if not others:

@@ -381,13 +381,17 @@ class ServerBroker(Broker):
             retry=False,
         )
 
+    COUNTS = "SELECT queue, state, count(*) FROM forksafe_jobs GROUP BY queue, state"
+
     def counts(self, now: float) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}
-        for queue, state, number in self._run(
-            "SELECT queue, state, count(*) FROM forksafe_jobs GROUP BY queue, state"
-        ):
+        for queue, state, number in self._count_all():
             result.setdefault(queue, {})[state] = int(number)
         return result
+
+    def _count_all(self) -> list[Any]:
+        """The rows of :attr:`COUNTS`, which reads every job."""
+        return self._run(self.COUNTS)
 
     def remove_worker(self, worker: str) -> None:
         self._run("DELETE FROM forksafe_workers WHERE id = %s", (worker,), retry=False)
