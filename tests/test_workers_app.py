@@ -179,8 +179,9 @@ def test_results_exceptions_and_retries_come_back_from_a_worker(tasks, tmp_path:
 def test_waiting_for_many_results_in_turn_reads_them_in_batches(  # type: ignore[no-untyped-def]
     tasks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    results = [tasks.add.delay(i, i) for i in range(100)]
+    # Handles that stay unfinished, made first: they must not crowd out the others.
     unserved = [tasks.add.apply_async((0, 0), queue="nobody") for _ in range(40)]
+    results = [tasks.add.delay(i, i) for i in range(100)]
     dropped = tasks.add.apply_async((0, 0), queue="nobody")
     dropped_id = dropped.id
     del dropped
@@ -197,7 +198,7 @@ def test_waiting_for_many_results_in_turn_reads_them_in_batches(  # type: ignore
 
     monkeypatch.setattr(broker, "fetch_finished", counting)
     assert [r.get(timeout=5) for r in results] == [2 * i for i in range(100)]
-    assert 1 <= len(asked) <= 5, [len(others) for others in asked]  # not one read per result
+    assert 1 <= len(asked) <= 8, [len(others) for others in asked]  # not one per result
     reads = len(asked)
     assert all(r.state == states.SUCCESS for r in results)
     assert len(asked) == reads  # final states are kept: no more reads

@@ -28,12 +28,13 @@ R = TypeVar("R")
 
 
 class _Unfinished:
-    """One App's result handles in this process whose job was not yet seen final,
-    oldest first (weak references: a handle dropped by its owner drops out).
+    """One App's result handles in this process whose job was not yet seen final
+    (weak references: a handle dropped by its owner drops out).
 
-    A read for one handle asks after up to :attr:`batch` others in the same query. The
-    batch doubles (to 256) after a read that found some of them finished and halves (to
-    4) after one that found none, so a lone handle polled while others wait pays little.
+    A read for one handle asks after up to :attr:`batch` others in the same query, those
+    asked after least recently first. The batch doubles (to 256) after a read that found
+    some of them finished and halves (to 4) after one that found none, so a lone handle
+    polled while others wait pays little.
     """
 
     SMALLEST, LARGEST = 4, 256
@@ -55,7 +56,7 @@ class _Unfinished:
                 del self._handles[handle.id]
 
     def others(self, job_id: str) -> dict[str, AsyncResult[Any]]:
-        """Up to :attr:`batch` handles for jobs other than ``job_id``, oldest first."""
+        """Up to :attr:`batch` handles for jobs other than ``job_id``."""
         picked: dict[str, AsyncResult[Any]] = {}
         with self._lock:
             for other_id, handle in self._handles.items():
@@ -65,8 +66,14 @@ class _Unfinished:
                     picked[other_id] = handle
         return picked
 
-    def learn(self, asked: int, finished: int) -> None:
-        """Adjust the batch after a read that asked after ``asked`` others."""
+    def learn(self, asked: Mapping[str, AsyncResult[Any]], finished: int) -> None:
+        """After a read that asked after ``asked`` and found ``finished`` of them final:
+        the others go to the back, and the batch is adjusted."""
+        with self._lock:
+            for other_id, handle in asked.items():
+                if handle._final is None and self._handles.get(other_id) is handle:
+                    del self._handles[other_id]
+                    self._handles[other_id] = handle
         if finished:
             self.batch = min(self.batch * 2, self.LARGEST)
         elif asked:
@@ -136,7 +143,7 @@ class AsyncResult(Generic[R]):
             if handle is not None and record.state in states.READY_STATES:
                 finished += handle is not self
                 handle._finish(record)
-        self._unfinished.learn(len(others), finished)
+        self._unfinished.learn(others, finished)
         return mine
 
     def _finish(self, record: JobRecord) -> None:
