@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,62 @@ class ForksafeMySQL(ForksafeServer):
             cursor.execute(f"CREATE DATABASE {name}")
         con.close()
         return MARIADB.start().rsplit("/", 1)[0] + f"/{name}"
+
+    def wait(self, handle: Any, timeout: float = 60) -> Any:
+        from workers.errors import ResultTimeout
+
+        try:
+            return super().wait(handle, timeout)
+        except ResultTimeout:
+            print(mysql_stuck_report(self.url, handle.id), file=sys.stderr, flush=True)
+            raise
+
+
+def mysql_stuck_report(url: str, job_id: str) -> str:
+    """What the server knows when a job outlives its ``get()`` timeout: the job's row, the
+    workers' rows, open transactions, sessions and InnoDB's lock waits and last deadlock."""
+    import pymysql
+
+    from workers.brokers import parse_url
+
+    parsed = parse_url(url)
+    con = pymysql.connect(
+        host=parsed.host,
+        port=parsed.port,
+        user=parsed.user,
+        password=parsed.password or "",
+        database=parsed.database,
+        autocommit=True,
+    )
+    lines = [f"--- {job_id} timed out; the server's view:"]
+    queries = {
+        "job": "SELECT id, state, worker, lease, lease_until, started_at, finished_at,"
+        " deliveries, retries FROM forksafe_jobs WHERE id = %s",
+        "started jobs": "SELECT id, worker, lease, lease_until, started_at, deliveries"
+        " FROM forksafe_jobs WHERE state = 'STARTED' ORDER BY started_at LIMIT 20",
+        "workers": "SELECT id, heartbeat_at, jobs_done, current_job FROM forksafe_workers",
+        "transactions": "SELECT trx_id, trx_state, trx_started, trx_wait_started,"
+        " trx_mysql_thread_id, trx_rows_locked, trx_query FROM information_schema.INNODB_TRX",
+        "sessions": "SELECT ID, COMMAND, TIME, STATE, INFO FROM information_schema.PROCESSLIST"
+        " WHERE ID <> CONNECTION_ID()",
+    }
+    try:
+        with con.cursor() as cursor:
+            lines.append(f"now: {time.time():.3f}")
+            for title, sql in queries.items():
+                cursor.execute(sql, (job_id,) if "%s" in sql else ())
+                lines.append(f"{title}:")
+                lines += [f"  {row}" for row in cursor.fetchall()]
+            cursor.execute("SHOW ENGINE INNODB STATUS")
+            # Sections are a title between two lines of dashes, then the body.
+            parts = re.split(r"(?m)^-+\n([A-Z][A-Z /]+)\n-+\n", cursor.fetchone()[2])
+            sections = dict(zip(parts[1::2], parts[2::2], strict=True))
+            for title in ("LATEST DETECTED DEADLOCK", "TRANSACTIONS"):
+                if title in sections:
+                    lines += [f"innodb {title.lower()}:", sections[title].rstrip()]
+    finally:
+        con.close()
+    return "\n".join(lines)
 
 
 class ForksafeMySQLBulk(ForksafeMySQL):

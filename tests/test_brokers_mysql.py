@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import drop_queue, fresh_queue, server_url
+from brokers import drop_queue, fresh_queue, server_url, table_rows
 from test_brokers_fleet import submit, write_fleet_tasks
 from test_workers_harness import load_tasks, wait_until
 
 from workers import states
-from workers.brokers import NewJob, create_broker
+from workers.brokers import NewJob, Outcome, create_broker
 from workers.brokers.mysql import MySQLBroker, check_server_version
 from workers.errors import BrokerError
 
@@ -88,6 +88,56 @@ def test_the_claim_reads_the_due_index_in_order(queue: str, mysql: Any) -> None:
     assert step["key"] == "forksafe_jobs_due" and step["type"] in ("ref", "range")
     assert "filesort" not in (step["Extra"] or "")
     assert [j.priority for j in broker.claim("w", ["default"], 10, 30, now)] == [2] * 10
+
+
+def test_an_outcome_is_stored_while_a_heartbeat_moves_its_lease_past_the_reader(
+    queue: str, mysql: Any
+) -> None:
+    """record() finds a job still STARTED under its lease although, while it waits for
+    another worker's lock, a heartbeat moves that job's lease_until: a reader that took
+    the state test from an index on (state, lease_until) passed over the moved entry,
+    dropped the outcome, and the job stayed STARTED while the heartbeat kept its lease."""
+    broker = create_broker(queue)
+    broker.setup()
+    con = mysql.connect()
+    other = mysql.connect()
+    try:
+        cursor = con.cursor()
+        # As in a queue created moments ago: the statistics are those of the empty table.
+        cursor.execute("ALTER TABLE forksafe_jobs STATS_AUTO_RECALC = 0")
+        now = time.time()
+        broker.enqueue(
+            [NewJob(f"j{i}", "add", "default", b"{}", "json") for i in range(3000)], now - 100
+        )
+        (theirs,) = broker.claim("w2", ["default"], 1, 60, now - 30)
+        ours = broker.claim("w1", ["default"], 5, 60, now)
+        locker = other.cursor()
+        locker.execute("BEGIN")  # another worker's transaction holds its job's row
+        locker.execute("SELECT id FROM forksafe_jobs WHERE id = %s FOR UPDATE", (theirs.id,))
+        outcomes = [Outcome(job.id, job.lease, states.SUCCESS, result=b"1") for job in ours]
+        stored: list[list[bool]] = []
+        recording = threading.Thread(target=lambda: stored.append(broker.record(outcomes, now)))
+        recording.start()
+
+        def waiting_or_done() -> bool:
+            cursor.execute(
+                "SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'"
+            )
+            return bool(cursor.fetchone()[0]) or not recording.is_alive()
+
+        wait_until(waiting_or_done, 10, "the outcomes to be written or to wait for a lock")
+        # A heartbeat that read the clock before the claim: our leases move below theirs.
+        broker.extend_leases("w1", 0.0, now)
+        locker.execute("ROLLBACK")
+        recording.join(30)
+    finally:
+        other.close()
+        con.close()
+        broker.close()
+    assert stored == [[True] * 5]
+    assert table_rows(
+        queue, "SELECT state, COUNT(*) FROM forksafe_jobs WHERE worker = 'w1' GROUP BY state"
+    ) == [(states.SUCCESS, 5)]
 
 
 def test_an_idle_waiter_backs_off_to_poll_max_and_work_resets_it(queue: str) -> None:

@@ -26,8 +26,8 @@ How it works:
   server and database), so only other machines' submissions wait for a poll.
 * **Schema** changes run under ``GET_LOCK('forksafe_schema')``, so supervisors
   starting together migrate once.
-* Outcomes are written only for leases still current (``SELECT ... FOR UPDATE``,
-  then one ``UPDATE`` joined to the outcomes), all in one transaction.
+* Outcomes are written only for leases still current (``SELECT ... FOR UPDATE`` of
+  the rows by id, then one ``UPDATE`` joined to the outcomes), all in one transaction.
 """
 
 from __future__ import annotations
@@ -415,13 +415,21 @@ class MySQLBroker(ServerBroker):
             cursor = con.cursor()
             try:
                 with cursor.no_failover():
+                    # By id alone: with the state in the WHERE, the server may take it from
+                    # an index on (state, lease_until), and a locking read there can pass over
+                    # an entry a heartbeat moves meanwhile, dropping an outcome whose lease
+                    # is current.
                     cursor.execute(
-                        "SELECT id, lease FROM forksafe_jobs WHERE state = 'STARTED' AND id IN ("
+                        "SELECT id, state, lease FROM forksafe_jobs WHERE id IN ("
                         + ",".join(["%s"] * len(ids))
                         + ") FOR UPDATE",
                         ids,
                     )
-                    current = dict(cursor.fetchall())
+                    current = {
+                        job_id: lease
+                        for job_id, state, lease in cursor.fetchall()
+                        if state == states.STARTED
+                    }
                     kept: list[bool] = []
                     chosen: list[Outcome] = []
                     for outcome in outcomes:
