@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg2
+import psycopg2.errors
 import pytest
 from brokers import end_sessions, fresh_queue, job, server_url
 from test_brokers_fleet import submit, write_fleet_tasks
@@ -374,3 +376,32 @@ def test_threads_of_a_process_share_one_pool(queue: str) -> None:
     finally:
         sys.setswitchinterval(interval)
     assert len(pools) == 8 and len({id(pool) for pool in pools}) == 1
+
+
+def test_a_claim_run_again_after_an_error_the_server_answered_keeps_its_jobs(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = create_broker(queue)
+    assert isinstance(broker, PostgresBroker)
+    broker.setup()
+    now = time.time()
+    broker.enqueue([job("a")], now)
+    real_execute = broker._execute
+    failures = [psycopg2.errors.lookup("40P01")]  # deadlock_detected: rolled back
+
+    def first_claim_fails(con: Any, sql: Any, params: Any) -> list[Any]:
+        if failures and sql is CLAIM_ONE_QUEUE:
+            raise failures.pop()("deadlock detected")
+        return real_execute(con, sql, params)
+
+    monkeypatch.setattr(broker, "_execute", first_claim_fails)
+    monkeypatch.setattr(broker, "_is_disconnect", lambda exc: False)  # as for a real one
+    (claimed,) = broker.claim("w", ["default"], 1, 30, now)  # run again by the broker
+    assert failures == []
+    # Its lease is not in doubt: the next call keeps the job and stores its outcome.
+    stored, _ = broker.record_and_claim(
+        [Outcome(claimed.id, claimed.lease, states.SUCCESS)], "w", ["default"], 1, 30, now
+    )
+    assert stored == [True]
+    record = broker.fetch("a")
+    assert record is not None and record.state == states.SUCCESS and record.deliveries == 1

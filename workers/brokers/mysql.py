@@ -380,8 +380,8 @@ class MySQLBroker(ServerBroker):
                     )
                     con.commit()
                 return rows
-            except self.transient:
-                self._doubt(worker, lease)
+            except self.transient as exc:
+                self._doubt(exc, worker, lease)
                 raise
             finally:
                 cursor.close()

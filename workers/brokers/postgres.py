@@ -585,8 +585,8 @@ class PostgresBroker(ServerBroker):
         def work(con: Any) -> list[Any]:
             try:
                 rows = self._execute(con, statement, params)
-            except self.transient:
-                self._doubt(worker, lease)
+            except self.transient as exc:
+                self._doubt(exc, worker, lease)
                 raise
             if rows:
                 _found_jobs(con)
@@ -624,8 +624,8 @@ class PostgresBroker(ServerBroker):
         def work(con: Any) -> list[Any] | None:
             try:
                 rows = self._execute(con, statement, params)
-            except self.transient:
-                self._doubt(worker, lease)
+            except self.transient as exc:
+                self._doubt(exc, worker, lease)
                 raise
             if rows[0][1] is not None:
                 _found_jobs(con)

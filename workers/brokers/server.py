@@ -335,9 +335,13 @@ class ServerBroker(Broker):
 
     # -- claims in doubt ----------------------------------------------------------
 
-    def _doubt(self, worker: str, lease: str) -> None:
-        """Remember a claim whose commit may have happened without us hearing of it."""
-        self._unsure.append((worker, lease))
+    def _doubt(self, exc: BaseException, worker: str, lease: str) -> None:
+        """Remember a claim that failed with ``exc`` if its commit may have happened
+        without us hearing of it: it was cut off. An error the server answered with
+        (a deadlock victim, say) rolled it back, and :meth:`_attempt` runs it again with
+        the same lease, which must not be given back later."""
+        if self._is_disconnect(exc):
+            self._unsure.append((worker, lease))
 
     def _take_doubts(self) -> list[tuple[str, str]]:
         doubts, self._unsure = self._unsure, []
