@@ -392,12 +392,18 @@ class MySQLBroker(ServerBroker):
         return [ClaimedJob.from_row((*row[1:8], row[8] + 1), lease) for row in rows]
 
     def _give_back_doubts(self, doubts: list[tuple[str, str]]) -> None:
+        owners = sorted({worker for worker, _ in doubts})
         leases = [lease for _, lease in doubts]
+        # Through (worker, state), whose keys a heartbeat does not change: scanning by
+        # (state, lease_until), the update could pass over a row a heartbeat moves, and
+        # that job would stay STARTED under a lease its worker keeps alive and never uses.
         rows = self._run(
-            "UPDATE forksafe_jobs SET state = 'PENDING', rank_key = -priority, lease = NULL,"
-            " lease_until = NULL, deliveries = GREATEST(deliveries - 1, 0)"
-            " WHERE state = 'STARTED' AND lease IN (" + ",".join(["%s"] * len(leases)) + ")",
-            leases,
+            "UPDATE forksafe_jobs FORCE INDEX (forksafe_jobs_held) SET state = 'PENDING',"
+            " rank_key = -priority, lease = NULL, lease_until = NULL,"
+            " deliveries = GREATEST(deliveries - 1, 0)"
+            " WHERE worker IN (" + ",".join(["%s"] * len(owners)) + ") AND state = 'STARTED'"
+            " AND lease IN (" + ",".join(["%s"] * len(leases)) + ")",
+            (*owners, *leases),
             retry=False,
         )
         if not rows:
