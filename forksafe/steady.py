@@ -208,7 +208,7 @@ class SteadyDBConnection:
     _reconnects: int
     _jitter: float  # fraction of a pool's maxage this connection may live
     _idle_since: float  # when a pool last took it back
-    _in_transaction: Callable[[Any], bool | None]
+    _in_transaction: Callable[[Any], bool | None] | None  # None: the driver cannot tell
     _quiet: Callable[[Any], bool] | None
     _cursor_class: type[SteadyDBCursor]  # what cursor() without arguments makes
 
@@ -395,24 +395,41 @@ class SteadyDBConnection:
 
     def _driver_in_transaction(self) -> bool | None:
         """What the driver says of an open transaction: True, False or None (cannot tell)."""
+        probe = self._in_transaction
+        if probe is None:
+            return None
         try:
-            return self._in_transaction(self._con)
+            return probe(self._con)
         except Exception:
             return None
 
     def _reset(self, force: bool = False) -> None:
-        """Roll back if forced or a transaction was begun; skipped if the driver says idle."""
-        if not self._closed and (force or self._transaction):
-            if not self._transaction:
+        """Roll back if forced or a transaction was begun; skipped if the driver says idle.
+
+        Errors are swallowed; a rollback that fails with one of ``failures`` reconnects
+        for the next use, as :meth:`rollback` does (inlined here: a pool runs this at
+        every return).
+        """
+        if self._closed or not (force or self._transaction):
+            return
+        if not self._transaction:
+            probe = self._in_transaction
+            if probe is not None:
                 try:
-                    if self._in_transaction(self._con) is False:
+                    if probe(self._con) is False:
                         return
                 except Exception:
                     pass
-            try:  # noqa: SIM105 - hot path: suppress() costs three calls
-                self.rollback()
-            except Exception:
-                pass
+        try:
+            if self._generation != fork.generation:
+                self._check_process()
+            self._transaction = False
+            try:
+                self._con.rollback()
+            except self._failures:
+                self._try_reconnect()
+        except Exception:
+            pass
 
     def _ping_check(self, ping: int = 1, reconnect: bool = True) -> bool | None:
         """Check the connection if ``ping`` matches the flags; reconnect a dead one.
