@@ -66,7 +66,7 @@ from forksafe.errors import (
     TooManyConnections,
     TooManyConnectionsError,
 )
-from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor
+from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor, _new_cursor, plain_cursor
 
 # Read by the inlined pid checks on the hot path; see fork.getpid().
 _page = fork.page
@@ -748,7 +748,27 @@ class _PooledProxy:
             con = self._live("cursor")  # raises
         if args or kwargs:
             return SteadyDBCursor(con, *args, **kwargs)
-        return con._cursor_class(con)
+        cls = con._cursor_class
+        if (
+            cls._made_for is None
+            or con._generation != fork.generation
+            or con._ping & 2
+            or con._maxusage
+        ):
+            return plain_cursor(con)
+        # plain_cursor(con)'s fast path, inlined (hot path: one Python call fewer).
+        try:
+            cursor = con._con.cursor()
+        except con._failures as error:
+            cursor = con._cursor_failed(error, (), {}, overused=False)
+        steady = _new_cursor(cls)
+        steady._con = con
+        if type(cursor) is cls._made_for:
+            steady._cursor = cursor
+            steady._closed = False
+        else:
+            steady._adopt(cursor, True)  # the driver changed its cursor type: switch class
+        return steady
 
     def commit(self) -> None:
         """Commit the current transaction."""

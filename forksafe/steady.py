@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "SteadyDBCursor",
     "SteadyDBError",
     "connect",
+    "plain_cursor",
 ]
 
 InvalidCursor = InvalidCursorError
@@ -609,7 +610,9 @@ class SteadyDBConnection:
 
     def cursor(self, *args: Any, **kwargs: Any) -> SteadyDBCursor:
         """Return a tough cursor (see :class:`SteadyDBCursor`)."""
-        return self._cursor_class(self, *args, **kwargs)
+        if args or kwargs:
+            return SteadyDBCursor(self, *args, **kwargs)
+        return plain_cursor(self)
 
     def __del__(self) -> None:
         with suppress(Exception):
@@ -631,6 +634,8 @@ class SteadyDBCursor:
 
     _cursor: Any = None
     _closed = True
+    _args: tuple[Any, ...] = ()  # the arguments of cursor(), reused for a new driver cursor
+    _kwargs: Mapping[str, Any] = types.MappingProxyType({})
     _no_failover = 0
     _inputsizes: Any = None
     _outputsizes: dict[Any, Any] | None = None
@@ -653,6 +658,10 @@ class SteadyDBCursor:
                 cursor = con._cursor_failed(error, args, kwargs, overused=False)
         else:
             cursor = con._cursor(*args, **kwargs)
+        self._adopt(cursor, not args and not kwargs)
+
+    def _adopt(self, cursor: Any, plain: bool) -> None:
+        """Take ``cursor``, the first driver cursor, and the class made for its type."""
         self._cursor = cursor
         self._closed = False
         made_for = self._made_for
@@ -661,8 +670,8 @@ class SteadyDBCursor:
             # connection for plain cursor() calls, which then make the right class).
             cls = _cursor_classes.get(type(cursor)) or _cursor_class(cursor)
             self.__class__ = cls
-            if not args and not kwargs:
-                con._cursor_class = cls
+            if plain:
+                self._con._cursor_class = cls
 
     def _live(self, name: str) -> Any:
         """The driver cursor, or InvalidCursorError naming the attribute wanted."""
@@ -869,6 +878,39 @@ class SteadyDBCursor:
         if transaction:
             con._transaction = False
         raise error
+
+
+# Makes a steady cursor without running its __init__ (a Python call); see plain_cursor().
+_new_cursor = object.__new__
+
+
+def plain_cursor(con: SteadyDBConnection) -> SteadyDBCursor:
+    """``SteadyDBCursor(con)``: a tough cursor made with the driver's ``cursor()``.
+
+    Once a connection knows the steady cursor class of its driver's cursors, and no
+    ping or usage limit applies at cursor creation, this is ``SteadyDBCursor.__init__``'s
+    fast path without the ``__init__`` call (pooled proxies inline it: hot path).
+    """
+    cls = con._cursor_class
+    if (
+        cls._made_for is None
+        or con._generation != fork.generation
+        or con._ping & 2
+        or con._maxusage
+    ):
+        return cls(con)
+    try:
+        cursor = con._con.cursor()
+    except con._failures as error:
+        cursor = con._cursor_failed(error, (), {}, overused=False)
+    steady = _new_cursor(cls)
+    steady._con = con
+    if type(cursor) is cls._made_for:
+        steady._cursor = cursor
+        steady._closed = False
+    else:
+        steady._adopt(cursor, True)  # the driver changed its cursor type: switch class
+    return steady
 
 
 def _failover_call(cursor: SteadyDBCursor, name: str) -> Callable[..., Any]:
