@@ -30,6 +30,9 @@ from forksafe.steady import Recipe, SteadyDBConnection
 
 __all__ = ["NotSupportedError", "PersistentDB", "PersistentDBError"]
 
+# Read by the inlined pid check on the hot path; see fork.getpid().
+_page = fork.page
+
 
 class PersistentDB(fork.ProcessBound):
     """Hand each thread its own persistent steady connection; see the module docstring.
@@ -85,7 +88,7 @@ class PersistentDB(fork.ProcessBound):
         ``shareable`` exists for compatibility with PooledDB; persistent connections are
         never shared. Connect errors from the driver propagate.
         """
-        if self._pid != fork.getpid():
+        if not _page[0] or self._pid != fork.cached_pid:  # fork.getpid(), inlined
             self._checkpid()
         con: SteadyDBConnection | None = getattr(self.thread, "connection", None)
         if con is None or con._closed:

@@ -67,7 +67,7 @@ from forksafe.errors import (
     TooManyConnections,
     TooManyConnectionsError,
 )
-from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor, _new_cursor, plain_cursor
+from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor, _new_cursor
 
 # Read by the inlined pid checks on the hot path; see fork.getpid().
 _page = fork.page
@@ -812,8 +812,8 @@ class _PooledProxy:
             or con._ping & 2
             or con._maxusage
         ):
-            return plain_cursor(con)
-        # plain_cursor(con)'s fast path, inlined (hot path: one Python call fewer).
+            return con.cursor()
+        # con.cursor()'s fast path, inlined (hot path: one Python call fewer).
         try:
             cursor = con._con.cursor()
         except con._failures as error:

@@ -40,10 +40,12 @@ __all__ = [
     "SteadyDBCursor",
     "SteadyDBError",
     "connect",
-    "plain_cursor",
 ]
 
 InvalidCursor = InvalidCursorError
+
+# Read by the inlined pid checks on the hot path; see fork.getpid().
+_page = fork.page
 
 _PING_ERROR = (
     "'ping' must be an integer, an SQL statement, a callable,"
@@ -521,8 +523,11 @@ class SteadyDBConnection:
             self._close()
         elif (
             not self._closed
-            and self._pid == fork.getpid()
-            and (self._transaction or self._driver_in_transaction() is True)
+            and self._pid == (fork.cached_pid if _page[0] else fork.getpid())
+            and (
+                self._transaction
+                or (self._in_transaction is not None and self._driver_in_transaction() is True)
+            )
         ):
             self._reset(force=True)
 
@@ -612,7 +617,29 @@ class SteadyDBConnection:
         """Return a tough cursor (see :class:`SteadyDBCursor`)."""
         if args or kwargs:
             return SteadyDBCursor(self, *args, **kwargs)
-        return plain_cursor(self)
+        cls = self._cursor_class
+        if (
+            cls._made_for is None
+            or self._generation != fork.generation
+            or self._ping & 2
+            or self._maxusage
+        ):
+            return cls(self)
+        # Once the steady cursor class of the driver's cursors is known, and no ping or
+        # usage limit applies: SteadyDBCursor.__init__'s fast path without the __init__
+        # call (hot path; pooled proxies inline this too).
+        try:
+            cursor = self._con.cursor()
+        except self._failures as error:
+            cursor = self._cursor_failed(error, (), {}, overused=False)
+        steady = _new_cursor(cls)
+        steady._con = self
+        if type(cursor) is cls._made_for:
+            steady._cursor = cursor
+            steady._closed = False
+        else:
+            steady._adopt(cursor, True)  # the driver changed its cursor type: switch class
+        return steady
 
     def __del__(self) -> None:
         with suppress(Exception):
@@ -880,37 +907,9 @@ class SteadyDBCursor:
         raise error
 
 
-# Makes a steady cursor without running its __init__ (a Python call); see plain_cursor().
+# Makes a steady cursor without running its __init__ (a Python call); see
+# SteadyDBConnection.cursor().
 _new_cursor = object.__new__
-
-
-def plain_cursor(con: SteadyDBConnection) -> SteadyDBCursor:
-    """``SteadyDBCursor(con)``: a tough cursor made with the driver's ``cursor()``.
-
-    Once a connection knows the steady cursor class of its driver's cursors, and no
-    ping or usage limit applies at cursor creation, this is ``SteadyDBCursor.__init__``'s
-    fast path without the ``__init__`` call (pooled proxies inline it: hot path).
-    """
-    cls = con._cursor_class
-    if (
-        cls._made_for is None
-        or con._generation != fork.generation
-        or con._ping & 2
-        or con._maxusage
-    ):
-        return cls(con)
-    try:
-        cursor = con._con.cursor()
-    except con._failures as error:
-        cursor = con._cursor_failed(error, (), {}, overused=False)
-    steady = _new_cursor(cls)
-    steady._con = con
-    if type(cursor) is cls._made_for:
-        steady._cursor = cursor
-        steady._closed = False
-    else:
-        steady._adopt(cursor, True)  # the driver changed its cursor type: switch class
-    return steady
 
 
 def _failover_call(cursor: SteadyDBCursor, name: str) -> Callable[..., Any]:
