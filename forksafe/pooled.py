@@ -272,6 +272,14 @@ class PooledDB(fork.ProcessBound):
         self._maxidle = _seconds("maxidle", maxidle)
         self._leaktime = _seconds("leaktime", leaktime)
         self._recycling = self._maxage is not None or self._maxidle is not None
+        # Whether returning a connection needs no more than the reset and the append of
+        # cache() (see PooledDedicatedDBConnection.close).
+        self._lean_return = (
+            not self._maxshared
+            and not self._maxcached
+            and self._maxidle is None
+            and self._leaktime is None
+        )
         # Pools whose recipes agree hand out interchangeable connections.
         self._family = _family_for(self._recipe.key)
         self._family.pools.add(self)
@@ -861,11 +869,24 @@ class PooledDedicatedDBConnection(_PooledProxy):
     def close(self) -> None:
         """Return the connection to the pool. Idempotent."""
         con = self._con
-        if con is not None:
-            self._con = None
-            if self._pool._leaktime is not None:
-                self._pool._release_lease(self, dropped=False)
-            self._pool.cache(con)
+        if con is None:
+            return
+        self._con = None
+        pool = self._pool
+        if pool._lean_return and _page[0] and con._pid == fork.cached_pid and not con._reconnects:
+            # pool.cache(con) inlined for its common case (hot path: one Python call
+            # fewer): this process's connection, nothing to count, no limit to apply.
+            if pool._reset or con._transaction:
+                con._reset(pool._reset)
+            if not con._closed:
+                pool._idle.append(con)
+            next(pool._given_back)
+            if pool._slots is not None:
+                pool._slots.put(True)
+            return
+        if pool._leaktime is not None:
+            pool._release_lease(self, dropped=False)
+        pool.cache(con)
 
     def __del__(self) -> None:
         con = self._con
