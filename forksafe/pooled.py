@@ -876,8 +876,22 @@ class PooledDedicatedDBConnection(_PooledProxy):
         if pool._lean_return and _page[0] and con._pid == fork.cached_pid and not con._reconnects:
             # pool.cache(con) inlined for its common case (hot path: one Python call
             # fewer): this process's connection, nothing to count, no limit to apply.
-            if pool._reset or con._transaction:
-                con._reset(pool._reset)
+            if con._closed:
+                pass
+            elif con._transaction:
+                con._rollback_quietly()
+            elif pool._reset:
+                # con._reset(True), inlined likewise: roll back unless the driver
+                # reports no transaction open.
+                probe = con._in_transaction
+                state: object = None
+                if probe is not None:
+                    try:  # noqa: SIM105 - hot path: suppress() costs three calls
+                        state = probe(con._con)
+                    except Exception:
+                        pass
+                if state is None or state:
+                    con._rollback_quietly()
             if not con._closed:
                 pool._idle.append(con)
             next(pool._given_back)

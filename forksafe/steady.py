@@ -211,7 +211,8 @@ class SteadyDBConnection:
     _reconnects: int
     _jitter: float  # fraction of a pool's maxage this connection may live
     _idle_since: float  # when a pool last took it back
-    _in_transaction: Callable[[Any], bool | None] | None  # None: the driver cannot tell
+    # See drivers.transaction_probe(); None: the driver cannot tell.
+    _in_transaction: Callable[[Any], object] | None
     _quiet: Callable[[Any], bool] | None
     _cursor_class: type[SteadyDBCursor]  # what cursor() without arguments makes
 
@@ -402,27 +403,23 @@ class SteadyDBConnection:
         if probe is None:
             return None
         try:
-            return probe(self._con)
+            state = probe(self._con)
         except Exception:
             return None
+        return None if state is None else bool(state)
 
     def _reset(self, force: bool = False) -> None:
         """Roll back if forced or a transaction was begun; skipped if the driver says idle.
-
-        Errors are swallowed; a rollback that fails with one of ``failures`` reconnects
-        for the next use, as :meth:`rollback` does (inlined here: a pool runs this at
-        every return).
-        """
+        Never raises (see :meth:`_rollback_quietly`)."""
         if self._closed or not (force or self._transaction):
             return
-        if not self._transaction:
-            probe = self._in_transaction
-            if probe is not None:
-                try:
-                    if probe(self._con) is False:
-                        return
-                except Exception:
-                    pass
+        if not self._transaction and self._driver_in_transaction() is False:
+            return
+        self._rollback_quietly()
+
+    def _rollback_quietly(self) -> None:
+        """:meth:`rollback` with every error swallowed: one of ``failures`` still reconnects
+        for the next use. Inlined, not a call to rollback(): pools run it at returns."""
         try:
             if self._generation != fork.generation:
                 self._check_process()
