@@ -814,12 +814,7 @@ class _PooledProxy:
         if args or kwargs:
             return SteadyDBCursor(con, *args, **kwargs)
         cls = con._cursor_class
-        if (
-            cls._made_for is None
-            or con._generation != fork.generation
-            or con._ping & 2
-            or con._maxusage
-        ):
+        if cls._made_for is None or not con._plain or con._generation != fork.generation:
             return con.cursor()
         # con.cursor()'s fast path, inlined (hot path: one Python call fewer).
         try:

@@ -200,6 +200,8 @@ class SteadyDBConnection:
     _isfatal: Callable[[Exception], bool] | None
     _ping: int
     _pinger: Pinger | None
+    # No ping at cursor() or execute(), no maxusage: their fast paths apply (see _set_ping).
+    _plain: bool
     _closeable: bool
     _args: tuple[Any, ...]
     _kwargs: dict[str, Any]
@@ -271,7 +273,8 @@ class SteadyDBConnection:
         if isfatal is not None and not callable(isfatal):
             raise TypeError(f"isfatal={isfatal!r} must be a callable")
         self._isfatal = isfatal
-        self._ping, self._pinger = parse_ping(ping)
+        ping, self._pinger = parse_ping(ping)
+        self._set_ping(ping)
         self._closeable = closeable
         self._args, self._kwargs = args, kwargs
         self._transaction = False
@@ -431,6 +434,10 @@ class SteadyDBConnection:
         except Exception:
             pass
 
+    def _set_ping(self, flags: int) -> None:
+        self._ping = flags
+        self._plain = not flags & 6 and not self._maxusage
+
     def _ping_check(self, ping: int = 1, reconnect: bool = True) -> bool | None:
         """Check the connection if ``ping`` matches the flags; reconnect a dead one.
 
@@ -456,7 +463,7 @@ class SteadyDBConnection:
                 except TypeError:
                     alive = self._con.ping()
             except (AttributeError, IndexError, TypeError, ValueError):
-                self._ping = 0  # the driver has no usable ping(): stop trying
+                self._set_ping(0)  # the driver has no usable ping(): stop trying
                 return None
             except Exception:
                 alive = False
@@ -615,12 +622,7 @@ class SteadyDBConnection:
         if args or kwargs:
             return SteadyDBCursor(self, *args, **kwargs)
         cls = self._cursor_class
-        if (
-            cls._made_for is None
-            or self._generation != fork.generation
-            or self._ping & 2
-            or self._maxusage
-        ):
+        if cls._made_for is None or not self._plain or self._generation != fork.generation:
             return cls(self)
         # Once the steady cursor class of the driver's cursors is known, and no ping or
         # usage limit applies: SteadyDBCursor.__init__'s fast path without the __init__
@@ -663,6 +665,7 @@ class SteadyDBCursor:
     _no_failover = 0
     _inputsizes: Any = None
     _outputsizes: dict[Any, Any] | None = None
+    _sized = False  # sizes were set for the next execute*() (one check for its fast path)
     _made_for: type | None = None  # the driver cursor type of a per-driver subclass
 
     def __init_subclass__(cls, forwarding: bool = False, **kwargs: Any) -> None:
@@ -675,7 +678,7 @@ class SteadyDBCursor:
             raise TypeError(f"{con!r} is not a SteadyDBConnection")
         self._con = con
         self._args, self._kwargs = args, kwargs
-        if con._generation == fork.generation and not con._ping & 2 and not con._maxusage:
+        if con._plain and con._generation == fork.generation:
             try:  # the fast path of con._cursor()
                 cursor = con._con.cursor(*args, **kwargs)
             except con._failures as error:
@@ -741,12 +744,14 @@ class SteadyDBCursor:
     def setinputsizes(self, sizes: Any) -> None:
         """Remember input sizes, so they can be set again on a reopened cursor."""
         self._inputsizes = sizes
+        self._sized = True
 
     def setoutputsize(self, size: int, column: Any = None) -> None:
         """Remember an output size, so it can be set again on a reopened cursor."""
         if self._outputsizes is None:
             self._outputsizes = {}
         self._outputsizes[column] = size
+        self._sized = True
 
     def _setsizes(self, cursor: Any) -> None:
         if self._inputsizes:
@@ -769,13 +774,7 @@ class SteadyDBCursor:
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         """Execute a statement; retried once on a fresh connection outside a transaction."""
         con = self._con
-        if (
-            con._generation == fork.generation
-            and not con._ping & 4
-            and not con._maxusage
-            and self._inputsizes is None
-            and self._outputsizes is None
-        ):
+        if con._plain and con._generation == fork.generation and not self._sized:
             # Fast path of _call for the common case; failures take the full path.
             try:
                 result = self._cursor.execute(*args, **kwargs)
@@ -823,6 +822,7 @@ class SteadyDBCursor:
             result = getattr(self._cursor, name)(*args, **kwargs)
             if sized:
                 self._inputsizes = self._outputsizes = None
+                self._sized = False
         except _Overused:
             return self._failover(name, args, kwargs, con._failure(), overused=True)
         except con._failures as error:
@@ -839,6 +839,7 @@ class SteadyDBCursor:
         result = getattr(cursor, name)(*args, **kwargs)
         if execute:
             self._inputsizes = self._outputsizes = None
+            self._sized = False
         return result
 
     def _failover(self, name: str, args: Any, kwargs: Any, error: Exception, overused: bool) -> Any:
