@@ -293,7 +293,9 @@ class PooledDB(fork.ProcessBound):
     def _reset_process_state(self) -> None:
         """Fresh lock, counters and caches for the current process; opens nothing."""
         self._pid = fork.getpid()
-        # The mutex guards the bookkeeping; the condition on it lets checkouts wait.
+        # The mutex guards the bookkeeping of pools that share (pools that do not share
+        # check out and return without it) and the rare paths (stats, close, waits); the
+        # condition on it lets shared checkouts wait.
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
         self._waiting = 0  # threads waiting on the condition
