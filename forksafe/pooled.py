@@ -816,7 +816,7 @@ class _PooledProxy:
         if args or kwargs:
             return SteadyDBCursor(con, *args, **kwargs)
         cls = con._cursor_class
-        if cls._made_for is None or not con._plain or con._generation != fork.generation:
+        if not con._plain or con._generation != fork.generation:
             return con.cursor()
         # con.cursor()'s fast path, inlined (hot path: one Python call fewer).
         try:
@@ -829,7 +829,7 @@ class _PooledProxy:
             steady._cursor = cursor
             steady._closed = False
         else:
-            steady._adopt(cursor, True)  # the driver changed its cursor type: switch class
+            steady._adopt(cursor, True)  # first cursor, or a new driver cursor type
         return steady
 
     def commit(self) -> None:

@@ -622,11 +622,12 @@ class SteadyDBConnection:
         if args or kwargs:
             return SteadyDBCursor(self, *args, **kwargs)
         cls = self._cursor_class
-        if cls._made_for is None or not self._plain or self._generation != fork.generation:
+        if not self._plain or self._generation != fork.generation:
             return cls(self)
-        # Once the steady cursor class of the driver's cursors is known, and no ping or
-        # usage limit applies: SteadyDBCursor.__init__'s fast path without the __init__
-        # call (hot path; pooled proxies inline this too).
+        # No ping or usage limit applies: SteadyDBCursor.__init__'s fast path without the
+        # __init__ call (hot path; pooled proxies inline this too). The first cursor of a
+        # connection, or one of a new driver cursor type, switches to the class made for
+        # its type (_adopt).
         try:
             cursor = self._con.cursor()
         except self._failures as error:
@@ -637,7 +638,7 @@ class SteadyDBConnection:
             steady._cursor = cursor
             steady._closed = False
         else:
-            steady._adopt(cursor, True)  # the driver changed its cursor type: switch class
+            steady._adopt(cursor, True)
         return steady
 
     def __del__(self) -> None:
