@@ -472,7 +472,18 @@ class PooledDB(fork.ProcessBound):
             con = self._fit(con)
         elif con._ping & 1:
             try:
-                con._ping_check()
+                if con._plain_ping and con._generation == fork.generation:
+                    # con._ping_check() for a driver whose ping is its ping() alone,
+                    # inlined (hot path: one Python call fewer while the pings succeed).
+                    try:
+                        alive = con._con.ping(False)
+                    except Exception as error:
+                        con._ping_raised(error, True)
+                    else:
+                        if not alive and alive is not None:
+                            con._ping_dead(True)
+                else:
+                    con._ping_check()
             except BaseException:
                 self._give_back_slot()
                 raise

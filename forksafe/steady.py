@@ -216,6 +216,7 @@ class SteadyDBConnection:
     # See drivers.transaction_probe(); None: the driver cannot tell.
     _in_transaction: Callable[[Any], object] | None
     _quiet: Callable[[Any], bool] | None
+    _plain_ping: bool  # a ping is the driver's ping(), no probe first (see PooledDB.connection)
     _cursor_class: type[SteadyDBCursor]  # what cursor() without arguments makes
 
     def __init__(
@@ -345,6 +346,7 @@ class SteadyDBConnection:
         drivers.track(self, con)
         self._in_transaction = drivers.transaction_probe(con)
         self._quiet = drivers.quiet_probe(con)
+        self._plain_ping = self._pinger is None and self._quiet is None
         self._transaction = False
         self._closed = False
         self._usage = 0
@@ -458,15 +460,9 @@ class SteadyDBConnection:
                 except Exception:
                     pass
             try:
-                try:
-                    alive = self._con.ping(False)
-                except TypeError:
-                    alive = self._con.ping()
-            except (AttributeError, IndexError, TypeError, ValueError):
-                self._set_ping(0)  # the driver has no usable ping(): stop trying
-                return None
-            except Exception:
-                alive = False
+                alive = self._con.ping(False)
+            except Exception as error:
+                return self._ping_raised(error, reconnect)
         else:
             try:
                 alive = self._pinger(self._con)
@@ -474,7 +470,25 @@ class SteadyDBConnection:
                 alive = False
         if alive or alive is None:
             return True
-        # Dead: replaced unless inside a transaction (or the reconnect fails).
+        return self._ping_dead(reconnect)
+
+    def _ping_raised(self, error: Exception, reconnect: bool) -> bool | None:
+        """The rest of :meth:`_ping_check` after the driver's ``ping(False)`` raised."""
+        if isinstance(error, TypeError):  # a ping() without PyMySQL's argument
+            try:
+                alive = self._con.ping()
+            except Exception as again:
+                error = again
+            else:
+                return True if alive or alive is None else self._ping_dead(reconnect)
+        if isinstance(error, (AttributeError, IndexError, TypeError, ValueError)):
+            self._set_ping(0)  # the driver has no usable ping(): stop trying
+            return None
+        return self._ping_dead(reconnect)
+
+    def _ping_dead(self, reconnect: bool) -> bool:
+        """The connection failed its ping: replace it unless inside a transaction (or the
+        reconnect fails); whether it was replaced."""
         return reconnect and not self._transaction and self._try_reconnect()
 
     # -- DB-API surface -------------------------------------------------------------
