@@ -25,6 +25,7 @@ with one system call each, without touching a connection object.
 
 from __future__ import annotations
 
+import operator
 import os
 import select
 from collections.abc import Callable
@@ -178,15 +179,14 @@ def _is_closed(con: Any) -> bool:
     return False
 
 
+# A probe answers None (cannot tell), or a value that is false exactly when no transaction
+# is open. The C-level probes below (operator's attrgetter, methodcaller) cost no Python call.
+
 # libpq's PQtransactionStatus: PQTRANS_IDLE == 0; active, in transaction, error count.
-
-
-def _psycopg2_in_transaction(con: Any) -> bool | None:
-    return bool(con.get_transaction_status() != 0)
-
-
-def _psycopg_in_transaction(con: Any) -> bool | None:
-    return bool(con.pgconn.transaction_status != 0)  # psycopg 3
+_psycopg2_in_transaction: Callable[[Any], object] = operator.methodcaller("get_transaction_status")
+_psycopg_in_transaction: Callable[[Any], object] = operator.attrgetter(
+    "pgconn.transaction_status"  # psycopg 3
+)
 
 
 def _pymysql_in_transaction(con: Any) -> bool | None:
@@ -204,18 +204,20 @@ def _pymysql_in_transaction(con: Any) -> bool | None:
 
 
 def _generic_in_transaction(con: Any) -> bool | None:
-    value = con.in_transaction  # sqlite3 and others
+    value = con.in_transaction
     return value if isinstance(value, bool) else None
 
 
-def _cannot_tell(con: Any) -> bool | None:
-    return None
+# sqlite3's in_transaction is always a bool.
+_sqlite3_in_transaction: Callable[[Any], object] = operator.attrgetter("in_transaction")
 
 
-def transaction_probe(con: Any) -> Callable[[Any], bool | None]:
+def transaction_probe(con: Any) -> Callable[[Any], object] | None:
     """The function that tells, for connections like ``con``, whether one has a transaction
-    open: True, False, or None when the driver cannot tell. Picked once per connection;
-    the probe reads client-side state only and never talks to the server.
+    open: a true value if so, a false one (not None) if not, None when it cannot tell; or
+    None when the driver can never tell (asking every time would raise and catch an
+    AttributeError). Picked once per connection; the probe reads client-side state only
+    and never talks to the server.
     """
     module = _module_of(con)
     if module.startswith("psycopg2"):
@@ -224,9 +226,11 @@ def transaction_probe(con: Any) -> Callable[[Any], bool | None]:
         return _psycopg_in_transaction
     if module.startswith("pymysql"):
         return _pymysql_in_transaction
+    if module.startswith("sqlite3"):
+        return _sqlite3_in_transaction
     if hasattr(con, "in_transaction"):
         return _generic_in_transaction
-    return _cannot_tell  # asking every time would raise and catch an AttributeError
+    return None
 
 
 _QUIET_EVENTS = select.POLLIN | select.POLLPRI if hasattr(select, "poll") else 0

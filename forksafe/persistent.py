@@ -30,6 +30,9 @@ from forksafe.steady import Recipe, SteadyDBConnection
 
 __all__ = ["NotSupportedError", "PersistentDB", "PersistentDBError"]
 
+# Read by the inlined pid check on the hot path; see fork.getpid().
+_page = fork.page
+
 
 class PersistentDB(fork.ProcessBound):
     """Hand each thread its own persistent steady connection; see the module docstring.
@@ -85,7 +88,7 @@ class PersistentDB(fork.ProcessBound):
         ``shareable`` exists for compatibility with PooledDB; persistent connections are
         never shared. Connect errors from the driver propagate.
         """
-        if self._pid != fork.getpid():
+        if not _page[0] or self._pid != fork.cached_pid:  # fork.getpid(), inlined
             self._checkpid()
         con: SteadyDBConnection | None = getattr(self.thread, "connection", None)
         if con is None or con._closed:
@@ -99,7 +102,20 @@ class PersistentDB(fork.ProcessBound):
             # releases the slot and SteadyDBConnection.__del__ closes the connection.
             self.thread.connection = con
             self._opened.add(con)
-        con._ping_check()
+        if not con._ping & 1:
+            pass
+        elif con._plain_ping and con._generation == fork.generation:
+            # con._ping_check() for a driver whose ping is its ping() alone, inlined as in
+            # PooledDB.connection() (hot path: one Python call fewer).
+            try:
+                alive = con._con.ping(False)
+            except Exception as error:
+                con._ping_raised(error, True)
+            else:
+                if not alive and alive is not None:
+                    con._ping_dead(True)
+        else:
+            con._ping_check()
         return con
 
     def dedicated_connection(self) -> SteadyDBConnection:

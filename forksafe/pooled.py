@@ -42,6 +42,7 @@ Beyond DBUtils (keyword-only, all off by default):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import random
@@ -66,7 +67,7 @@ from forksafe.errors import (
     TooManyConnections,
     TooManyConnectionsError,
 )
-from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor
+from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor, _new_cursor
 
 # Read by the inlined pid checks on the hot path; see fork.getpid().
 _page = fork.page
@@ -173,6 +174,12 @@ def _family_for(key: Any) -> _Family:
         return family
 
 
+def _counted(counter: itertools.count[int]) -> int:
+    """How many values ``next()`` took from a counter started at 0 (its only reading is
+    its repr, ``count(n)``)."""
+    return int(repr(counter)[6:-1])
+
+
 class _Lease:
     """When and where a connection was checked out (kept only when ``leaktime`` is set)."""
 
@@ -265,6 +272,14 @@ class PooledDB(fork.ProcessBound):
         self._maxidle = _seconds("maxidle", maxidle)
         self._leaktime = _seconds("leaktime", leaktime)
         self._recycling = self._maxage is not None or self._maxidle is not None
+        # Whether returning a connection needs no more than the reset and the append of
+        # cache() (see PooledDedicatedDBConnection.close).
+        self._lean_return = (
+            not self._maxshared
+            and not self._maxcached
+            and self._maxidle is None
+            and self._leaktime is None
+        )
         # Pools whose recipes agree hand out interchangeable connections.
         self._family = _family_for(self._recipe.key)
         self._family.pools.add(self)
@@ -278,11 +293,19 @@ class PooledDB(fork.ProcessBound):
     def _reset_process_state(self) -> None:
         """Fresh lock, counters and caches for the current process; opens nothing."""
         self._pid = fork.getpid()
-        # The mutex guards the bookkeeping; the condition on it lets checkouts wait.
+        # The mutex guards the bookkeeping of pools that share (pools that do not share
+        # check out and return without it) and the rare paths (stats, close, waits); the
+        # condition on it lets shared checkouts wait.
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
         self._waiting = 0  # threads waiting on the condition
-        self._connections = 0  # checked-out dedicated connections + shared entries
+        # With sharing, the checked-out dedicated connections + shared entries, counted
+        # under the lock, which bounds them by maxconnections.
+        self._connections = 0
+        # Without sharing, no lock: checkouts and returns are counted by next() on
+        # counters, atomic under the GIL (see connection()).
+        self._taken = itertools.count()  # checkouts
+        self._given_back = itertools.count()  # returns, and checkouts that failed
         # Without sharing, maxconnections is a queue of tokens, one per free slot: taking
         # and giving back a slot, and waiting for one, happen in C, without the condition.
         self._slots: queue.SimpleQueue[bool] | None = None
@@ -294,7 +317,6 @@ class PooledDB(fork.ProcessBound):
         self._shared_cache: list[SharedDBConnection] = []
         self._shared_pending = 0
         self._warm = not self._mincached
-        self._checkouts = 0  # kept out of _stats: counted on the hot path
         self._leases: dict[int, _Lease] = {}
         self._stats = dict.fromkeys(
             (
@@ -427,26 +449,41 @@ class PooledDB(fork.ProcessBound):
             self._checkpid()
         if not self._warm:
             self.warm()
-        if shareable and self._maxshared:
-            return self._shared_connection()
-        idle = self._idle
-        slots = self._slots
-        if slots is not None:
+        if self._maxshared:
+            if shareable:
+                return self._shared_connection()
+            con = self._dedicated_in_shared_pool()
+        else:
+            slots = self._slots
+            if slots is not None:
+                try:
+                    slots.get(False)
+                except queue.Empty:
+                    self._wait_for_token(slots)
+            # No lock: the token bounds the checkouts, and taking an idle connection and
+            # counting are one C call each (deque.popleft, next), atomic under the GIL.
+            # (This relies on the GIL: free-threaded Python is not supported.)
+            next(self._taken)
             try:
-                slots.get(False)
-            except queue.Empty:
-                self._wait_for_token(slots)
-        with self._mutex:  # critical section: take a slot and an idle connection
-            if self._maxconnections and self._connections >= self._maxconnections:
-                self._wait_for_slot()  # (shared pools only: with tokens, never true here)
-            self._connections += 1
-            self._checkouts += 1
-            con = idle.popleft() if idle else None
+                con = self._idle.popleft()
+            except IndexError:
+                con = None
         if con is None or self._recycling:
             con = self._fit(con)
         elif con._ping & 1:
             try:
-                con._ping_check()
+                if con._plain_ping and con._generation == fork.generation:
+                    # con._ping_check() for a driver whose ping is its ping() alone,
+                    # inlined (hot path: one Python call fewer while the pings succeed).
+                    try:
+                        alive = con._con.ping(False)
+                    except Exception as error:
+                        con._ping_raised(error, True)
+                    else:
+                        if not alive and alive is not None:
+                            con._ping_dead(True)
+                else:
+                    con._ping_check()
             except BaseException:
                 self._give_back_slot()
                 raise
@@ -456,6 +493,16 @@ class PooledDB(fork.ProcessBound):
         if self._leaktime is not None:
             self._lease(proxy)
         return proxy
+
+    def _dedicated_in_shared_pool(self) -> SteadyDBConnection | None:
+        """Take a slot, waiting for one at ``maxconnections``, and an idle connection
+        (None if there is none) for a dedicated checkout from a pool that shares."""
+        with self._mutex:
+            if self._maxconnections and self._connections >= self._maxconnections:
+                self._wait_for_slot()
+            self._connections += 1
+            next(self._taken)
+            return self._idle.popleft() if self._idle else None
 
     def _fit(self, con: SteadyDBConnection | None) -> SteadyDBConnection:
         """Borrow, open or recycle a connection for a checkout that holds a slot."""
@@ -507,10 +554,13 @@ class PooledDB(fork.ProcessBound):
             self._stats["wait_ms"] += int((time.monotonic() - started) * 1000)
 
     def _give_back_slot(self) -> None:
-        with self._mutex:
-            self._connections -= 1
-            if self._waiting:
-                self._wake()
+        if self._maxshared:
+            with self._mutex:
+                self._connections -= 1
+                if self._waiting:
+                    self._wake()
+        else:
+            next(self._given_back)
         if self._slots is not None:
             self._slots.put(True)
 
@@ -547,7 +597,7 @@ class PooledDB(fork.ProcessBound):
                     continue
                 shared.share()
                 break
-            self._checkouts += 1
+            next(self._taken)
         if shared is not None:
             shared.con._ping_check()
             return PooledSharedDBConnection(self, shared)
@@ -593,6 +643,31 @@ class PooledDB(fork.ProcessBound):
             con._reconnects = 0
         if self._reset or con._transaction:
             con._reset(self._reset)
+        if self._maxshared:
+            self._cache_in_shared_pool(con)
+            return
+        # No lock, as in connection(): each step is one C call, atomic under the GIL.
+        idle = self._idle
+        extra: SteadyDBConnection | None = con
+        if not con._closed:
+            if self._maxidle is not None:
+                con._idle_since = time.monotonic()
+            idle.append(con)
+            extra = None
+            # Over maxcached, every return that sees the excess closes one: never more
+            # than maxcached stay idle, whichever threads return at once.
+            if self._maxcached and len(idle) > self._maxcached:
+                with suppress(IndexError):
+                    extra = idle.pop()
+        next(self._given_back)
+        slots = self._slots
+        if slots is not None:
+            slots.put(True)  # after the connection went idle, so a waiter finds it
+        if extra is not None:
+            self._close_con(extra)
+
+    def _cache_in_shared_pool(self, con: SteadyDBConnection) -> None:
+        """The rest of cache() in a pool that shares: the lock bounds the slots."""
         idle = self._idle
         with self._mutex:  # critical section: hand back the slot, keep or drop
             self._connections -= 1
@@ -603,9 +678,6 @@ class PooledDB(fork.ProcessBound):
                 idle.append(con)
             if self._waiting:
                 self._wake()
-        slots = self._slots
-        if slots is not None:
-            slots.put(True)  # after the connection went idle, so a waiter finds it
         if not keep:
             self._close_con(con)
 
@@ -677,8 +749,12 @@ class PooledDB(fork.ProcessBound):
         self._checkpid()
         with self._mutex:
             stats = dict(self._stats)
-            stats["checkouts"] = self._checkouts
-            stats["in_use"] = self._connections
+            checkouts = _counted(self._taken)
+            stats["checkouts"] = checkouts
+            if self._maxshared:
+                stats["in_use"] = self._connections
+            else:
+                stats["in_use"] = checkouts - _counted(self._given_back)
             stats["idle"] = len(self._idle)
             stats["shared"] = len(self._shared_cache)
             stats["maxconnections"] = self._maxconnections
@@ -692,8 +768,10 @@ class PooledDB(fork.ProcessBound):
         """
         self._checkpid()
         with self._mutex:
-            gone = list(self._idle)
-            self._idle.clear()
+            gone: list[SteadyDBConnection] = []
+            with suppress(IndexError):
+                while True:  # one popleft at a time: returns append without the lock
+                    gone.append(self._idle.popleft())
             if self._shared_cache:
                 gone += [sc.con for sc in self._shared_cache]
                 self._connections -= len(self._shared_cache)
@@ -748,7 +826,22 @@ class _PooledProxy:
             con = self._live("cursor")  # raises
         if args or kwargs:
             return SteadyDBCursor(con, *args, **kwargs)
-        return con._cursor_class(con)
+        cls = con._cursor_class
+        if not con._plain or con._generation != fork.generation:
+            return con.cursor()
+        # con.cursor()'s fast path, inlined (hot path: one Python call fewer).
+        try:
+            cursor = con._con.cursor()
+        except con._failures as error:
+            cursor = con._cursor_failed(error, (), {}, overused=False)
+        steady = _new_cursor(cls)
+        steady._con = con
+        if type(cursor) is cls._made_for:
+            steady._cursor = cursor
+            steady._closed = False
+        else:
+            steady._adopt(cursor, True)  # first cursor, or a new driver cursor type
+        return steady
 
     def commit(self) -> None:
         """Commit the current transaction."""
@@ -784,11 +877,38 @@ class PooledDedicatedDBConnection(_PooledProxy):
     def close(self) -> None:
         """Return the connection to the pool. Idempotent."""
         con = self._con
-        if con is not None:
-            self._con = None
-            if self._pool._leaktime is not None:
-                self._pool._release_lease(self, dropped=False)
-            self._pool.cache(con)
+        if con is None:
+            return
+        self._con = None
+        pool = self._pool
+        if pool._lean_return and _page[0] and con._pid == fork.cached_pid and not con._reconnects:
+            # pool.cache(con) inlined for its common case (hot path: one Python call
+            # fewer): this process's connection, nothing to count, no limit to apply.
+            if con._closed:
+                pass
+            elif con._transaction:
+                con._rollback_quietly()
+            elif pool._reset:
+                # con._reset(True), inlined likewise: roll back unless the driver
+                # reports no transaction open.
+                probe = con._in_transaction
+                state: object = None
+                if probe is not None:
+                    try:  # noqa: SIM105 - hot path: suppress() costs three calls
+                        state = probe(con._con)
+                    except Exception:
+                        pass
+                if state is None or state:
+                    con._rollback_quietly()
+            if not con._closed:
+                pool._idle.append(con)
+            next(pool._given_back)
+            if pool._slots is not None:
+                pool._slots.put(True)
+            return
+        if pool._leaktime is not None:
+            pool._release_lease(self, dropped=False)
+        pool.cache(con)
 
     def __del__(self) -> None:
         con = self._con

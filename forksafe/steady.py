@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 InvalidCursor = InvalidCursorError
+
+# Read by the inlined pid checks on the hot path; see fork.getpid().
+_page = fork.page
 
 _PING_ERROR = (
     "'ping' must be an integer, an SQL statement, a callable,"
@@ -197,6 +200,8 @@ class SteadyDBConnection:
     _isfatal: Callable[[Exception], bool] | None
     _ping: int
     _pinger: Pinger | None
+    # No ping at cursor() or execute(), no maxusage: their fast paths apply (see _set_ping).
+    _plain: bool
     _closeable: bool
     _args: tuple[Any, ...]
     _kwargs: dict[str, Any]
@@ -208,8 +213,10 @@ class SteadyDBConnection:
     _reconnects: int
     _jitter: float  # fraction of a pool's maxage this connection may live
     _idle_since: float  # when a pool last took it back
-    _in_transaction: Callable[[Any], bool | None]
+    # See drivers.transaction_probe(); None: the driver cannot tell.
+    _in_transaction: Callable[[Any], object] | None
     _quiet: Callable[[Any], bool] | None
+    _plain_ping: bool  # a ping is the driver's ping(), no probe first (see PooledDB.connection)
     _cursor_class: type[SteadyDBCursor]  # what cursor() without arguments makes
 
     def __init__(
@@ -267,7 +274,8 @@ class SteadyDBConnection:
         if isfatal is not None and not callable(isfatal):
             raise TypeError(f"isfatal={isfatal!r} must be a callable")
         self._isfatal = isfatal
-        self._ping, self._pinger = parse_ping(ping)
+        ping, self._pinger = parse_ping(ping)
+        self._set_ping(ping)
         self._closeable = closeable
         self._args, self._kwargs = args, kwargs
         self._transaction = False
@@ -338,6 +346,7 @@ class SteadyDBConnection:
         drivers.track(self, con)
         self._in_transaction = drivers.transaction_probe(con)
         self._quiet = drivers.quiet_probe(con)
+        self._plain_ping = self._pinger is None and self._quiet is None
         self._transaction = False
         self._closed = False
         self._usage = 0
@@ -395,24 +404,41 @@ class SteadyDBConnection:
 
     def _driver_in_transaction(self) -> bool | None:
         """What the driver says of an open transaction: True, False or None (cannot tell)."""
+        probe = self._in_transaction
+        if probe is None:
+            return None
         try:
-            return self._in_transaction(self._con)
+            state = probe(self._con)
         except Exception:
             return None
+        return None if state is None else bool(state)
 
     def _reset(self, force: bool = False) -> None:
-        """Roll back if forced or a transaction was begun; skipped if the driver says idle."""
-        if not self._closed and (force or self._transaction):
-            if not self._transaction:
-                try:
-                    if self._in_transaction(self._con) is False:
-                        return
-                except Exception:
-                    pass
-            try:  # noqa: SIM105 - hot path: suppress() costs three calls
-                self.rollback()
-            except Exception:
-                pass
+        """Roll back if forced or a transaction was begun; skipped if the driver says idle.
+        Never raises (see :meth:`_rollback_quietly`)."""
+        if self._closed or not (force or self._transaction):
+            return
+        if not self._transaction and self._driver_in_transaction() is False:
+            return
+        self._rollback_quietly()
+
+    def _rollback_quietly(self) -> None:
+        """:meth:`rollback` with every error swallowed: one of ``failures`` still reconnects
+        for the next use. Inlined, not a call to rollback(): pools run it at returns."""
+        try:
+            if self._generation != fork.generation:
+                self._check_process()
+            self._transaction = False
+            try:
+                self._con.rollback()
+            except self._failures:
+                self._try_reconnect()
+        except Exception:
+            pass
+
+    def _set_ping(self, flags: int) -> None:
+        self._ping = flags
+        self._plain = not flags & 6 and not self._maxusage
 
     def _ping_check(self, ping: int = 1, reconnect: bool = True) -> bool | None:
         """Check the connection if ``ping`` matches the flags; reconnect a dead one.
@@ -434,15 +460,9 @@ class SteadyDBConnection:
                 except Exception:
                     pass
             try:
-                try:
-                    alive = self._con.ping(False)
-                except TypeError:
-                    alive = self._con.ping()
-            except (AttributeError, IndexError, TypeError, ValueError):
-                self._ping = 0  # the driver has no usable ping(): stop trying
-                return None
-            except Exception:
-                alive = False
+                alive = self._con.ping(False)
+            except Exception as error:
+                return self._ping_raised(error, reconnect)
         else:
             try:
                 alive = self._pinger(self._con)
@@ -450,7 +470,25 @@ class SteadyDBConnection:
                 alive = False
         if alive or alive is None:
             return True
-        # Dead: replaced unless inside a transaction (or the reconnect fails).
+        return self._ping_dead(reconnect)
+
+    def _ping_raised(self, error: Exception, reconnect: bool) -> bool | None:
+        """The rest of :meth:`_ping_check` after the driver's ``ping(False)`` raised."""
+        if isinstance(error, TypeError):  # a ping() without PyMySQL's argument
+            try:
+                alive = self._con.ping()
+            except Exception as again:
+                error = again
+            else:
+                return True if alive or alive is None else self._ping_dead(reconnect)
+        if isinstance(error, (AttributeError, IndexError, TypeError, ValueError)):
+            self._set_ping(0)  # the driver has no usable ping(): stop trying
+            return None
+        return self._ping_dead(reconnect)
+
+    def _ping_dead(self, reconnect: bool) -> bool:
+        """The connection failed its ping: replace it unless inside a transaction (or the
+        reconnect fails); whether it was replaced."""
         return reconnect and not self._transaction and self._try_reconnect()
 
     # -- DB-API surface -------------------------------------------------------------
@@ -503,8 +541,11 @@ class SteadyDBConnection:
             self._close()
         elif (
             not self._closed
-            and self._pid == fork.getpid()
-            and (self._transaction or self._driver_in_transaction() is True)
+            and self._pid == (fork.cached_pid if _page[0] else fork.getpid())
+            and (
+                self._transaction
+                or (self._in_transaction is not None and self._driver_in_transaction() is True)
+            )
         ):
             self._reset(force=True)
 
@@ -592,7 +633,27 @@ class SteadyDBConnection:
 
     def cursor(self, *args: Any, **kwargs: Any) -> SteadyDBCursor:
         """Return a tough cursor (see :class:`SteadyDBCursor`)."""
-        return self._cursor_class(self, *args, **kwargs)
+        if args or kwargs:
+            return SteadyDBCursor(self, *args, **kwargs)
+        cls = self._cursor_class
+        if not self._plain or self._generation != fork.generation:
+            return cls(self)
+        # No ping or usage limit applies: SteadyDBCursor.__init__'s fast path without the
+        # __init__ call (hot path; pooled proxies inline this too). The first cursor of a
+        # connection, or one of a new driver cursor type, switches to the class made for
+        # its type (_adopt).
+        try:
+            cursor = self._con.cursor()
+        except self._failures as error:
+            cursor = self._cursor_failed(error, (), {}, overused=False)
+        steady = _new_cursor(cls)
+        steady._con = self
+        if type(cursor) is cls._made_for:
+            steady._cursor = cursor
+            steady._closed = False
+        else:
+            steady._adopt(cursor, True)
+        return steady
 
     def __del__(self) -> None:
         with suppress(Exception):
@@ -614,9 +675,12 @@ class SteadyDBCursor:
 
     _cursor: Any = None
     _closed = True
+    _args: tuple[Any, ...] = ()  # the arguments of cursor(), reused for a new driver cursor
+    _kwargs: Mapping[str, Any] = types.MappingProxyType({})
     _no_failover = 0
     _inputsizes: Any = None
     _outputsizes: dict[Any, Any] | None = None
+    _sized = False  # sizes were set for the next execute*() (one check for its fast path)
     _made_for: type | None = None  # the driver cursor type of a per-driver subclass
 
     def __init_subclass__(cls, forwarding: bool = False, **kwargs: Any) -> None:
@@ -629,13 +693,17 @@ class SteadyDBCursor:
             raise TypeError(f"{con!r} is not a SteadyDBConnection")
         self._con = con
         self._args, self._kwargs = args, kwargs
-        if con._generation == fork.generation and not con._ping & 2 and not con._maxusage:
+        if con._plain and con._generation == fork.generation:
             try:  # the fast path of con._cursor()
                 cursor = con._con.cursor(*args, **kwargs)
             except con._failures as error:
                 cursor = con._cursor_failed(error, args, kwargs, overused=False)
         else:
             cursor = con._cursor(*args, **kwargs)
+        self._adopt(cursor, not args and not kwargs)
+
+    def _adopt(self, cursor: Any, plain: bool) -> None:
+        """Take ``cursor``, the first driver cursor, and the class made for its type."""
         self._cursor = cursor
         self._closed = False
         made_for = self._made_for
@@ -644,8 +712,8 @@ class SteadyDBCursor:
             # connection for plain cursor() calls, which then make the right class).
             cls = _cursor_classes.get(type(cursor)) or _cursor_class(cursor)
             self.__class__ = cls
-            if not args and not kwargs:
-                con._cursor_class = cls
+            if plain:
+                self._con._cursor_class = cls
 
     def _live(self, name: str) -> Any:
         """The driver cursor, or InvalidCursorError naming the attribute wanted."""
@@ -691,12 +759,14 @@ class SteadyDBCursor:
     def setinputsizes(self, sizes: Any) -> None:
         """Remember input sizes, so they can be set again on a reopened cursor."""
         self._inputsizes = sizes
+        self._sized = True
 
     def setoutputsize(self, size: int, column: Any = None) -> None:
         """Remember an output size, so it can be set again on a reopened cursor."""
         if self._outputsizes is None:
             self._outputsizes = {}
         self._outputsizes[column] = size
+        self._sized = True
 
     def _setsizes(self, cursor: Any) -> None:
         if self._inputsizes:
@@ -719,13 +789,7 @@ class SteadyDBCursor:
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         """Execute a statement; retried once on a fresh connection outside a transaction."""
         con = self._con
-        if (
-            con._generation == fork.generation
-            and not con._ping & 4
-            and not con._maxusage
-            and self._inputsizes is None
-            and self._outputsizes is None
-        ):
+        if con._plain and con._generation == fork.generation and not self._sized:
             # Fast path of _call for the common case; failures take the full path.
             try:
                 result = self._cursor.execute(*args, **kwargs)
@@ -773,6 +837,7 @@ class SteadyDBCursor:
             result = getattr(self._cursor, name)(*args, **kwargs)
             if sized:
                 self._inputsizes = self._outputsizes = None
+                self._sized = False
         except _Overused:
             return self._failover(name, args, kwargs, con._failure(), overused=True)
         except con._failures as error:
@@ -789,6 +854,7 @@ class SteadyDBCursor:
         result = getattr(cursor, name)(*args, **kwargs)
         if execute:
             self._inputsizes = self._outputsizes = None
+            self._sized = False
         return result
 
     def _failover(self, name: str, args: Any, kwargs: Any, error: Exception, overused: bool) -> Any:
@@ -852,6 +918,11 @@ class SteadyDBCursor:
         if transaction:
             con._transaction = False
         raise error
+
+
+# Makes a steady cursor without running its __init__ (a Python call); see
+# SteadyDBConnection.cursor().
+_new_cursor = object.__new__
 
 
 def _failover_call(cursor: SteadyDBCursor, name: str) -> Callable[..., Any]:
