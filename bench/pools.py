@@ -1,6 +1,6 @@
 """Pool benchmark: forksafe against DBUtils, SQLAlchemy and psycopg_pool, in one run.
 
-    python bench/pools.py [--quick] [--backend fake|pg|mysql|all] [--repeats 3] [--budget 0.3]
+    python bench/pools.py [--quick] [--backend fake|pg|mysql|all] [--repeats 9] [--budget 0.1]
 
 One *cycle* is what an application does per request: check out a connection, open a
 cursor, ``execute("SELECT 1")``, ``fetchone()``, close the cursor, give the connection
@@ -11,7 +11,7 @@ connections (contenders that cannot cap are marked). Backends:
 * ``pg``     PostgreSQL through psycopg2 (psycopg 3 for psycopg_pool and its raw floor).
 * ``mysql``  MariaDB/MySQL through PyMySQL.
 
-Every measurement is repeated 3 times (``--repeats``) for ``--budget`` seconds (0.3;
+Every measurement is repeated 9 times (``--repeats``) for ``--budget`` seconds (0.1;
 0.02 with ``--quick``); the best is reported and the median printed next to it. The
 contenders of one driver and thread count are set up together and their repetitions
 interleave, so a burst of load on the machine is shared out. Per contender: wall time
@@ -65,7 +65,7 @@ os.register_at_fork(after_in_child=lambda: _CHILD_MARKS.append(time.perf_counter
 SQL = "SELECT 1"
 THREAD_MODES = (1, 8)
 CAP = 4  # connections a capped pool may hold with 8 threads
-REPEATS = 3
+REPEATS = 9
 
 Cycle = Callable[[], None]
 Factory = Callable[["Driver", dict[str, Any], int], tuple[Cycle, Cycle]]
@@ -659,7 +659,9 @@ class Trial:
         try:
             self.crew = Crew(threads) if threads > 1 else None
             self.cycle, self.teardown = contender.factory(self.drv, kw, threads)
-            # Calibrate (and warm up): grow n until one run takes a tenth of the budget.
+            # Warm up (the first cycles connect, which would skew the calibration), then
+            # calibrate: grow n until one run takes a tenth of the budget.
+            self._run(3)
             n = 1
             while True:
                 wall, _ = self._run(n)
@@ -1125,10 +1127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds in total")
     parser.add_argument("--backend", choices=("fake", "pg", "mysql", "all"), default="all")
-    parser.add_argument("--budget", type=float, help="seconds per repetition (default 0.3)")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions, best is kept")
+    parser.add_argument("--budget", type=float, help="seconds per repetition (default 0.1)")
+    parser.add_argument("--repeats", type=int, default=9, help="repetitions, best is kept")
     args = parser.parse_args(argv)
-    budget = args.budget or (0.02 if args.quick else 0.3)
+    budget = args.budget or (0.02 if args.quick else 0.1)
     global REPEATS
     REPEATS = max(1, args.repeats)
     forks = 10 if args.quick else 100
