@@ -102,19 +102,7 @@ class PersistentDB(fork.ProcessBound):
             # releases the slot and SteadyDBConnection.__del__ closes the connection.
             self.thread.connection = con
             self._opened.add(con)
-        if not con._ping & 1:
-            pass
-        elif con._plain_ping and con._generation == fork.generation:
-            # con._ping_check() for a driver whose ping is its ping() alone, inlined as in
-            # PooledDB.connection() (hot path: one Python call fewer).
-            try:
-                alive = con._con.ping(False)
-            except Exception as error:
-                con._ping_raised(error, True)
-            else:
-                if not alive and alive is not None:
-                    con._ping_dead(True)
-        else:
+        if con._ping & 1:
             con._ping_check()
         return con
 
