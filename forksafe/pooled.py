@@ -46,6 +46,7 @@ import itertools
 import logging
 import queue
 import random
+import sys
 import threading
 import time
 import traceback
@@ -88,6 +89,22 @@ __all__ = [
 ]
 
 log = logging.getLogger("forksafe")
+
+
+def _check_gil() -> None:
+    """Warn on a free-threaded interpreter running without the GIL: pools that do not
+    share check out and return without a lock, relying on the GIL (see connection())."""
+    gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    if gil_enabled is not None and not gil_enabled():
+        warnings.warn(
+            "forksafe pools rely on the GIL, and this interpreter runs without it: "
+            "concurrent checkouts may race; run with PYTHON_GIL=1",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_check_gil()
 
 #: How many pools for one target one process may build before the pool-per-call warning.
 MANY_POOLS = 4

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -543,3 +544,15 @@ def test_a_steady_cursor_subclass_keeps_forwarding_by_name() -> None:
     assert type(cursor) is Mine
     assert cursor.arraysize == cursor.dbapi_cursor.arraysize
     steady.close()
+
+
+def test_an_interpreter_without_the_gil_is_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    from forksafe import pooled
+
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    with pytest.warns(RuntimeWarning, match="rely on the GIL.*PYTHON_GIL=1"):
+        pooled._check_gil()
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pooled._check_gil()
