@@ -91,6 +91,7 @@ def test_celery_prefork_children_each_get_their_own_session_and_the_parent_keeps
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     from celery import Celery
+    from celery.exceptions import TimeoutError as ResultTimeout
 
     db = request.getfixturevalue(kind)
     before = server_sessions(db)
@@ -115,7 +116,10 @@ def test_celery_prefork_children_each_get_their_own_session_and_the_parent_keeps
         assert wait_until(parent_file.exists, 60), worker.log_tail()
         parent = json.loads(parent_file.read_text())
         results = [client.send_task("fs.session", args=[f"t{n}"]) for n in range(80)]
-        answers = [r.get(timeout=90, interval=0.05) for r in results]
+        try:
+            answers = [r.get(timeout=90, interval=0.05) for r in results]
+        except ResultTimeout as exc:  # say what the worker was doing
+            raise AssertionError(f"{exc}; worker log:\n{worker.log_tail(80)}") from exc
         assert [a["token"] for a in answers] == [f"t{n}" for n in range(80)]
         assert all(a["hooked"] for a in answers)
         by_pid: dict[int, set[int]] = {}
