@@ -45,8 +45,15 @@ __all__ = [
 # Connections that could not be detached: referenced forever so no finaliser runs.
 _kept_alive: list[Any] = []
 
-# id(owner) -> (fd, inode) of the socket of every open connection this process made.
+# id(driver connection) -> (fd, inode) of the socket of every open connection this
+# process made (or inherited through a fork that skipped the Python hooks).
 _sockets: dict[int, tuple[int, int]] = {}
+
+# fd -> (device, inode) of /dev/null, for every inherited socket the fork hook blinded in
+# this process (or an ancestor). Only such a descriptor, or one still on its socket, is
+# ours to close: a number closed and reused since (a pool process closing what it
+# inherited, say) belongs to whatever has it now.
+_blinded: dict[int, tuple[int, int]] = {}
 
 
 def _module_of(con: Any) -> str:
@@ -94,12 +101,14 @@ def discard(*cons: Any) -> None:
                 continue
             module = _module_of(con)
             fd = None if module.startswith("sqlite3") else socket_fd(con)
+            tracked = _sockets.pop(id(con), None)
             if fd is not None and devnull < 0:
                 with suppress(OSError):
                     devnull = os.open(os.devnull, os.O_RDWR)
-            if fd is None or devnull < 0 or not _blind(fd, devnull):
+            if fd is None or devnull < 0 or not _ours_to_close(fd, tracked, devnull):
                 # SQLite owns its file descriptors and may checkpoint or unlink the WAL
-                # on close; an unknown driver may say goodbye. Never close those here.
+                # on close; an unknown driver may say goodbye; a descriptor number now
+                # used by something else must not be touched. Never close those here.
                 if not _is_closed(con):
                     _kept_alive.append(con)
                 continue
@@ -114,21 +123,21 @@ def discard(*cons: Any) -> None:
             os.close(devnull)
 
 
-def track(owner: object, con: Any) -> None:
-    """Remember the socket of ``con`` (held by ``owner``) for :func:`blind_inherited`."""
+def track(con: Any) -> None:
+    """Remember the socket of ``con``, a driver connection, for :func:`blind_inherited`."""
     fd = socket_fd(con)
     if fd is None:
-        _sockets.pop(id(owner), None)
+        _sockets.pop(id(con), None)
         return
     try:
-        _sockets[id(owner)] = (fd, os.fstat(fd).st_ino)
+        _sockets[id(con)] = (fd, os.fstat(fd).st_ino)
     except OSError:
-        _sockets.pop(id(owner), None)
+        _sockets.pop(id(con), None)
 
 
-def untrack(owner: object) -> None:
-    """Forget the socket remembered for ``owner``."""
-    _sockets.pop(id(owner), None)
+def untrack(con: Any) -> None:
+    """Forget the socket remembered for ``con`` (it is being closed)."""
+    _sockets.pop(id(con), None)
 
 
 def blind_inherited() -> int:
@@ -150,24 +159,42 @@ def blind_inherited() -> int:
     blinded = 0
     try:
         for fd, inode in sockets:
-            try:
-                if os.fstat(fd).st_ino == inode:
-                    os.dup2(devnull, fd)
-                    blinded += 1
-            except OSError:
-                continue
+            if _blind(fd, inode, devnull):
+                blinded += 1
     finally:
         os.close(devnull)
     return blinded
 
 
-def _blind(fd: int, devnull: int) -> bool:
-    """Point descriptor ``fd`` at /dev/null in this process only. True on success."""
+def _blind(fd: int, inode: int, devnull: int) -> bool:
+    """Point descriptor ``fd`` at /dev/null in this process only, if it still refers to
+    the socket ``inode``. True on success."""
     try:
+        if os.fstat(fd).st_ino != inode:
+            return False
         os.dup2(devnull, fd)
+        _blinded[fd] = _device_and_inode(devnull)
     except OSError:
         return False
     return True
+
+
+def _ours_to_close(fd: int, tracked: tuple[int, int] | None, devnull: int) -> bool:
+    """Whether an inherited connection's descriptor ``fd`` points at /dev/null and is
+    still its own, so the driver may close it: blinded now if it is still on its socket
+    (a fork that skipped the hooks left the table), or blinded by the fork hook."""
+    if tracked is not None and tracked[0] == fd:
+        _blind(fd, tracked[1], devnull)
+    null = _blinded.pop(fd, None)
+    try:
+        return null is not None and null == _device_and_inode(fd)
+    except OSError:
+        return False
+
+
+def _device_and_inode(fd: int) -> tuple[int, int]:
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino
 
 
 def _is_closed(con: Any) -> bool:

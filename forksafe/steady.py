@@ -343,7 +343,7 @@ class SteadyDBConnection:
         if self._pid:
             self._reconnects += 1
         self._con = con
-        drivers.track(self, con)
+        drivers.track(con)
         self._in_transaction = drivers.transaction_probe(con)
         self._quiet = drivers.quiet_probe(con)
         self._plain_ping = self._pinger is None and self._quiet is None
@@ -372,6 +372,7 @@ class SteadyDBConnection:
         if con is None:
             return
         if self._pid == fork.getpid():
+            drivers.untrack(con)
             with suppress(Exception):
                 con.close()
         else:
@@ -384,7 +385,6 @@ class SteadyDBConnection:
         self._closed = True
         self._transaction = False
         con, self._con = self._con, None
-        drivers.untrack(self)
         return con
 
     def _discard(self) -> None:

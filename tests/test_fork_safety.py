@@ -261,8 +261,7 @@ def test_the_fork_hook_blinds_every_inherited_socket_before_the_pool_is_used(
 def test_the_fork_hook_leaves_a_reused_descriptor_alone(tmp_path: Path) -> None:
     """A driver that replaced its socket left a stale number; whatever now has it is kept."""
     first, peer = socket.socketpair()
-    owner = object()
-    drivers.track(owner, first)
+    drivers.track(first)
     stale = first.fileno()
     first.close()
     peer.close()
@@ -271,5 +270,36 @@ def test_the_fork_hook_leaves_a_reused_descriptor_alone(tmp_path: Path) -> None:
         try:
             got = fork_child(lambda: _fd_target(stale))
         finally:
-            drivers.untrack(owner)
+            drivers.untrack(first)
     assert got == str(tmp_path / "kept")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_child_that_reused_an_inherited_descriptor_keeps_it_when_the_pool_resets(
+    target: Target,
+) -> None:
+    """A pool process may close what it inherited (Celery's, say) and get the number back
+    for a pipe of its own before the pool's first use; the reset must leave it alone."""
+    pool = PooledDB(target.module, 1, **target.kwargs)
+    pool.warm()
+    (inherited,) = [drivers.socket_fd(con._con) for con in pool._idle]
+    assert inherited is not None
+
+    def child() -> dict[str, Any]:
+        read_end, write_end = os.pipe()
+        os.close(inherited)
+        os.dup2(write_end, inherited)  # the inherited number is now this pipe's
+        os.close(write_end)
+        session = use_pool(pool, target.name, 1)  # resets the pool: inherited discarded
+        target_now = _fd_target(inherited)
+        os.write(inherited, b"still mine")
+        os.close(inherited)
+        return {"session": session, "fd": target_now, "read": os.read(read_end, 64).decode()}
+
+    try:
+        got = fork_child(child)
+        assert got["fd"].startswith("pipe:"), got
+        assert got["read"] == "still mine"
+        assert got["session"] != use_pool(pool, target.name, 1)
+    finally:
+        pool.close()
