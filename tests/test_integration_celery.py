@@ -111,11 +111,14 @@ def test_celery_prefork_children_each_get_their_own_session_and_the_parent_keeps
     argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     client = Celery("client")
     client.config_from_object(conf)
+    # Queued before the worker starts: the filesystem transport writes a message file in
+    # place, and a worker reading one being written sees it empty and stops.
+    results = [client.send_task("fs.session", args=[f"t{n}"]) for n in range(80)]
     log = tmp_path / "celery.log"
     with running(argv, env, log, "", ready_path=None, cwd=tmp_path) as worker:
-        assert wait_until(parent_file.exists, 60), worker.log_tail()
+        written = lambda: parent_file.exists() and parent_file.stat().st_size > 0  # noqa: E731
+        assert wait_until(written, 60), worker.log_tail()
         parent = json.loads(parent_file.read_text())
-        results = [client.send_task("fs.session", args=[f"t{n}"]) for n in range(80)]
         try:
             answers = [r.get(timeout=90, interval=0.05) for r in results]
         except ResultTimeout as exc:  # say what the worker was doing
