@@ -158,24 +158,27 @@ def blind_inherited() -> int:
         return 0
     blinded = 0
     try:
+        null = _device_and_inode(devnull)
         for fd, inode in sockets:
-            if _blind(fd, inode, devnull):
+            if _blind(fd, inode, devnull, null):
                 blinded += 1
+    except OSError:
+        pass
     finally:
         os.close(devnull)
     return blinded
 
 
-def _blind(fd: int, inode: int, devnull: int) -> bool:
-    """Point descriptor ``fd`` at /dev/null in this process only, if it still refers to
-    the socket ``inode``. True on success."""
+def _blind(fd: int, inode: int, devnull: int, null: tuple[int, int]) -> bool:
+    """Point descriptor ``fd`` at ``devnull`` (whose device and inode are ``null``) in
+    this process only, if it still refers to the socket ``inode``. True on success."""
     try:
         if os.fstat(fd).st_ino != inode:
             return False
         os.dup2(devnull, fd)
-        _blinded[fd] = _device_and_inode(devnull)
     except OSError:
         return False
+    _blinded[fd] = null
     return True
 
 
@@ -183,8 +186,9 @@ def _ours_to_close(fd: int, tracked: tuple[int, int] | None, devnull: int) -> bo
     """Whether an inherited connection's descriptor ``fd`` points at /dev/null and is
     still its own, so the driver may close it: blinded now if it is still on its socket
     (a fork that skipped the hooks left the table), or blinded by the fork hook."""
-    if tracked is not None and tracked[0] == fd:
-        _blind(fd, tracked[1], devnull)
+    with suppress(OSError):
+        if tracked is not None and tracked[0] == fd:
+            _blind(fd, tracked[1], devnull, _device_and_inode(devnull))
     null = _blinded.pop(fd, None)
     try:
         return null is not None and null == _device_and_inode(fd)
