@@ -904,7 +904,7 @@ class PooledDedicatedDBConnection(_PooledProxy):
             if con._closed:
                 pass
             elif con._transaction:
-                con._rollback_quietly()
+                con._rollback()
             elif pool._reset:
                 # con._reset(True), inlined likewise: roll back unless the driver
                 # reports no transaction open.
@@ -916,7 +916,7 @@ class PooledDedicatedDBConnection(_PooledProxy):
                     except Exception:
                         pass
                 if state is None or state:
-                    con._rollback_quietly()
+                    con._rollback()
             if not con._closed:
                 pool._idle.append(con)
             next(pool._given_back)

@@ -415,16 +415,17 @@ class SteadyDBConnection:
 
     def _reset(self, force: bool = False) -> None:
         """Roll back if forced or a transaction was begun; skipped if the driver says idle.
-        Never raises (see :meth:`_rollback_quietly`)."""
+        Never raises (see :meth:`_rollback`)."""
         if self._closed or not (force or self._transaction):
             return
         if not self._transaction and self._driver_in_transaction() is False:
             return
-        self._rollback_quietly()
+        self._rollback()
 
-    def _rollback_quietly(self) -> None:
-        """:meth:`rollback` with every error swallowed: one of ``failures`` still reconnects
-        for the next use. Inlined, not a call to rollback(): pools run it at returns."""
+    def _rollback(self) -> Exception | None:
+        """Roll back; after one of ``failures``, reconnect for the next use. Returns the
+        error instead of raising it: pools returning a connection ignore it (one Python
+        call on their hot path), :meth:`rollback` raises it."""
         try:
             if self._generation != fork.generation:
                 self._check_process()
@@ -433,8 +434,10 @@ class SteadyDBConnection:
                 self._con.rollback()
             except self._failures:
                 self._try_reconnect()
-        except Exception:
-            pass
+                raise
+        except Exception as error:
+            return error
+        return None
 
     def _set_ping(self, flags: int) -> None:
         self._ping = flags
@@ -570,14 +573,9 @@ class SteadyDBConnection:
 
     def rollback(self) -> None:
         """Roll back; if that fails, reconnect for the next use and raise the error."""
-        if self._generation != fork.generation:
-            self._check_process()
-        self._transaction = False
-        try:
-            self._con.rollback()
-        except self._failures:
-            self._try_reconnect()
-            raise
+        error = self._rollback()
+        if error is not None:
+            raise error
 
     def cancel(self) -> None:
         """Cancel a long-running statement, where the driver supports it."""
