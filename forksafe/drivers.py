@@ -28,8 +28,10 @@ from __future__ import annotations
 import operator
 import os
 import select
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from contextlib import suppress
+from itertools import chain
 from typing import Any
 
 __all__ = [
@@ -48,12 +50,45 @@ _kept_alive: list[Any] = []
 # id(driver connection) -> (fd, inode) of the socket of every open connection this
 # process made (or inherited through a fork that skipped the Python hooks).
 _sockets: dict[int, tuple[int, int]] = {}
+# The same pairs laid out flat, for the fork hook (see blind_inherited); None when the
+# table changed since they were laid out.
+_flat: array[int] | None = None
+# In a child, the tables of its ancestors: kept referenced (see blind_inherited).
+_inherited_tables: list[dict[int, tuple[int, int]]] = []
 
-# fd -> (device, inode) of /dev/null, for every inherited socket the fork hook blinded in
-# this process (or an ancestor). Only such a descriptor, or one still on its socket, is
-# ours to close: a number closed and reused since (a pool process closing what it
-# inherited, say) belongs to whatever has it now.
-_blinded: dict[int, tuple[int, int]] = {}
+# _blinded[fd] is 1 for every inherited socket the fork hook pointed at /dev/null in
+# this process (or an ancestor). Only such a descriptor, while it is still on /dev/null,
+# or one still on its socket, is ours to close: a number closed and reused since (a pool
+# process closing what it inherited, say) belongs to whatever has it now. A flat array,
+# sized before each fork, so that the hook writes to one page (see blind_inherited).
+_blinded = bytearray()
+
+
+# A descriptor on /dev/null and its (device, inode): opened once, in the process that
+# tracks its first socket, and inherited by its children, so the fork hook does not open
+# one (an open() in a child just forked took 0.1-0.8 ms here). Checked before each use,
+# as the process may have closed it.
+_null: tuple[int, tuple[int, int]] | None = None
+
+
+def _devnull() -> tuple[int, tuple[int, int]] | None:
+    """A descriptor on /dev/null and its device and inode; None if none can be opened."""
+    global _null
+    if _null is not None:
+        fd, null = _null
+        with suppress(OSError):
+            if _device_and_inode(fd) == null:
+                return _null
+    try:
+        fd = os.open(os.devnull, os.O_RDWR)  # not inheritable across exec (PEP 446)
+    except OSError:
+        return None
+    try:
+        _null = fd, _device_and_inode(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    return _null
 
 
 def _module_of(con: Any) -> str:
@@ -91,53 +126,69 @@ def discard(*cons: Any) -> None:
 
     The server never hears of them: no goodbye, no rollback, no ``shutdown()`` of a
     socket. The parent process keeps using its sessions undisturbed. Takes any number of
-    connections (``None`` is skipped) so a fork hook pays for opening /dev/null once.
-    Never raises.
+    connections (``None`` is skipped). Never raises.
     """
-    devnull = -1
-    try:
-        for con in cons:
-            if con is None:
-                continue
-            module = _module_of(con)
-            fd = None if module.startswith("sqlite3") else socket_fd(con)
-            tracked = _sockets.pop(id(con), None)
-            if fd is not None and devnull < 0:
-                with suppress(OSError):
-                    devnull = os.open(os.devnull, os.O_RDWR)
-            if fd is None or devnull < 0 or not _ours_to_close(fd, tracked, devnull):
-                # SQLite owns its file descriptors and may checkpoint or unlink the WAL
-                # on close; an unknown driver may say goodbye; a descriptor number now
-                # used by something else must not be touched. Never close those here.
-                if not _is_closed(con):
-                    _kept_alive.append(con)
-                continue
-            # The descriptor now points at /dev/null: the driver's goodbye goes nowhere.
-            with suppress(Exception):
-                if module.startswith("pymysql"):
-                    con._force_close()  # PyMySQL's close-without-quit
-                else:
-                    con.close()
-    finally:
-        if devnull >= 0:
-            os.close(devnull)
+    null = None
+    for con in cons:
+        if con is None:
+            continue
+        module = _module_of(con)
+        fd = None if module.startswith("sqlite3") else socket_fd(con)
+        tracked = untrack(con)
+        if fd is not None and null is None:
+            null = _devnull()
+        if fd is None or null is None or not _ours_to_close(fd, tracked, null):
+            # SQLite owns its file descriptors and may checkpoint or unlink the WAL
+            # on close; an unknown driver may say goodbye; a descriptor number now
+            # used by something else must not be touched. Never close those here.
+            if not _is_closed(con):
+                _kept_alive.append(con)
+            continue
+        # The descriptor now points at /dev/null: the driver's goodbye goes nowhere.
+        with suppress(Exception):
+            if module.startswith("pymysql"):
+                con._force_close()  # PyMySQL's close-without-quit
+            else:
+                con.close()
 
 
 def track(con: Any) -> None:
     """Remember the socket of ``con``, a driver connection, for :func:`blind_inherited`."""
+    global _flat
     fd = socket_fd(con)
-    if fd is None:
-        _sockets.pop(id(con), None)
-        return
     try:
-        _sockets[id(con)] = (fd, os.fstat(fd).st_ino)
+        inode = -1 if fd is None else os.fstat(fd).st_ino
     except OSError:
-        _sockets.pop(id(con), None)
+        inode = -1
+    if fd is None or inode < 0:
+        untrack(con)
+        return
+    _sockets[id(con)] = (fd, inode)
+    _flat = None
+    _devnull()  # open now, for the fork hook of a child
 
 
-def untrack(con: Any) -> None:
-    """Forget the socket remembered for ``con`` (it is being closed)."""
-    _sockets.pop(id(con), None)
+def untrack(con: Any) -> tuple[int, int] | None:
+    """Forget the socket remembered for ``con`` (it is being closed); return it."""
+    global _flat
+    tracked = _sockets.pop(id(con), None)
+    if tracked is not None:
+        _flat = None
+    return tracked
+
+
+def flatten() -> None:
+    """Before a fork: lay the socket table out flat for :func:`blind_inherited`."""
+    global _flat
+    if _flat is None:
+        _flat = array("q", chain.from_iterable(_sockets.values()))
+        if _flat:
+            _make_room(max(_flat[::2]))
+
+
+def _make_room(fd: int) -> None:
+    if fd >= len(_blinded):
+        _blinded.extend(bytes(fd + 1 - len(_blinded)))
 
 
 def blind_inherited() -> int:
@@ -147,51 +198,58 @@ def blind_inherited() -> int:
     which would copy its memory page). A descriptor is blinded only if it still refers
     to the same socket (same inode), since a driver may have replaced its socket since.
     The connections themselves are discarded later, by their pool's reset in this process.
+
+    In a child just forked, every first write to a memory page copies it, and such a
+    fault costs microseconds here: the hook reads the flat copy :func:`flatten` made
+    before the fork, marks what it blinded in one flat array, and keeps the inherited
+    table referenced rather than freeing it (which would write to every entry's page).
     """
-    sockets = list(_sockets.values())
-    _sockets.clear()
-    if not sockets:
+    global _sockets, _flat
+    flat = _flat
+    _inherited_tables.append(_sockets)
+    _sockets, _flat = {}, None
+    if flat is None:  # no flatten() before this fork
+        flat = array("q", chain.from_iterable(_inherited_tables[-1].values()))
+    devnull = _devnull() if flat else None
+    if devnull is None:
         return 0
-    try:
-        devnull = os.open(os.devnull, os.O_RDWR)
-    except OSError:
-        return 0
+    return _blind(flat, devnull[0])
+
+
+def _blind(pairs: Sequence[int], devnull: int) -> int:
+    """Point each descriptor of ``pairs`` (fd, inode, fd, inode, ...) at ``devnull`` (on
+    /dev/null) in this process only, if it still refers to the socket ``inode``. Returns
+    how many it blinded. One loop, no call per descriptor: the fork hook runs it."""
     blinded = 0
-    try:
-        null = _device_and_inode(devnull)
-        for fd, inode in sockets:
-            if _blind(fd, inode, devnull, null):
-                blinded += 1
-    except OSError:
-        pass
-    finally:
-        os.close(devnull)
+    for i in range(0, len(pairs), 2):
+        fd = pairs[i]
+        try:
+            if os.fstat(fd).st_ino != pairs[i + 1]:
+                continue
+            os.dup2(devnull, fd)
+        except OSError:
+            continue
+        if fd >= len(_blinded):
+            _make_room(fd)
+        _blinded[fd] = 1
+        blinded += 1
     return blinded
 
 
-def _blind(fd: int, inode: int, devnull: int, null: tuple[int, int]) -> bool:
-    """Point descriptor ``fd`` at ``devnull`` (whose device and inode are ``null``) in
-    this process only, if it still refers to the socket ``inode``. True on success."""
-    try:
-        if os.fstat(fd).st_ino != inode:
-            return False
-        os.dup2(devnull, fd)
-    except OSError:
-        return False
-    _blinded[fd] = null
-    return True
-
-
-def _ours_to_close(fd: int, tracked: tuple[int, int] | None, devnull: int) -> bool:
+def _ours_to_close(
+    fd: int, tracked: tuple[int, int] | None, devnull: tuple[int, tuple[int, int]]
+) -> bool:
     """Whether an inherited connection's descriptor ``fd`` points at /dev/null and is
     still its own, so the driver may close it: blinded now if it is still on its socket
-    (a fork that skipped the hooks left the table), or blinded by the fork hook."""
-    with suppress(OSError):
-        if tracked is not None and tracked[0] == fd:
-            _blind(fd, tracked[1], devnull, _device_and_inode(devnull))
-    null = _blinded.pop(fd, None)
+    (a fork that skipped the hooks left the table), or blinded by the fork hook.
+    ``devnull`` is what :func:`_devnull` returns."""
+    if tracked is not None and tracked[0] == fd:
+        _blind(tracked, devnull[0])
+    if fd >= len(_blinded) or not _blinded[fd]:
+        return False
+    _blinded[fd] = 0
     try:
-        return null is not None and null == _device_and_inode(fd)
+        return _device_and_inode(fd) == devnull[1]
     except OSError:
         return False
 

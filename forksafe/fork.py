@@ -197,6 +197,7 @@ def _snapshot() -> list[ForkAware]:
 
 
 def _prepare() -> None:
+    drivers.flatten()
     _registry_lock.acquire()
     # Pools never hold their lock during I/O, so each acquire below waits only for
     # another thread's bookkeeping to finish.

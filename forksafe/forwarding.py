@@ -13,10 +13,12 @@ or raises the wrapper's own error (returned connection, closed cursor) naming ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dis
+import types
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-__all__ = ["Forward", "forward"]
+__all__ = ["Forward", "forward", "names_of"]
 
 
 class Wrapper(Protocol):
@@ -48,3 +50,30 @@ def forward(cls: type, names: Iterable[str], make: Callable[[str], Forward] = Fo
     for name in sorted(set(names) - own):
         if not (name.startswith("__") and name.endswith("__")):
             setattr(cls, name, make(name))
+
+
+def names_of(kind: type) -> set[str]:
+    """The attribute names instances of ``kind`` can have, as far as they can be listed:
+    ``dir(kind)`` and every name its Python methods (and those of its bases) assign to,
+    so that an instance attribute first set by a method (PyMySQL's cursors set
+    ``lastrowid`` at their first ``execute()``) is among them."""
+    names = set(dir(kind))
+    for klass in kind.__mro__:
+        for value in vars(klass).values():
+            for code in _codes(value):
+                names.update(
+                    op.argval for op in dis.get_instructions(code) if op.opname == "STORE_ATTR"
+                )
+    return names
+
+
+def _codes(value: Any) -> Iterator[types.CodeType]:
+    """The code objects of a function, static/class method or property, nested ones too."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    parts = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
+    stack = [part.__code__ for part in parts if isinstance(part, types.FunctionType)]
+    while stack:
+        code = stack.pop()
+        yield code
+        stack.extend(const for const in code.co_consts if isinstance(const, types.CodeType))

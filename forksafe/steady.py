@@ -662,11 +662,12 @@ class SteadyDBCursor:
     """A hardened DB-API 2 cursor: ``execute*``/``callproc*`` fail over like the connection.
 
     Every other attribute is the driver cursor's, as in DBUtils. Instances take a subclass
-    made for their driver's cursor type: where that type fixes every attribute its
-    cursors can have (psycopg2, psycopg 3, sqlite3: no instance ``__dict__``, no
-    ``__getattr__``), the names are forwarded by descriptors
-    (:mod:`forksafe.forwarding`); otherwise by ``__getattr__``, which subclasses get
-    unless they define their own.
+    made for their driver's cursor type, which forwards by descriptors
+    (:mod:`forksafe.forwarding`) every name the type lists, every name its Python
+    methods assign to, PEP 249's cursor attributes and the names its first cursor had.
+    Only a driver cursor type with a ``__getattr__`` of its own, whose names cannot be
+    listed, is forwarded by ``__getattr__``, which subclasses of this class get unless
+    they define their own. (``dbapi_cursor`` is the driver cursor itself.)
 
     Dropping a steady cursor leaves its driver cursor to the driver's own finaliser.
     """
@@ -959,10 +960,24 @@ def _forwarder(name: str) -> forwarding.Forward:
 _cursor_classes: dict[type, type[SteadyDBCursor]] = {}
 
 
+# PEP 249's cursor attributes, its optional extensions included: forwarded whether or
+# not a driver's cursor type lists them.
+_DBAPI_CURSOR_NAMES = (
+    "arraysize",
+    "connection",
+    "description",
+    "errorhandler",
+    "lastrowid",
+    "messages",
+    "rowcount",
+    "rownumber",
+)
+
+
 def _cursor_class(cursor: Any) -> type[SteadyDBCursor]:
     """Make (once per driver cursor type) the steady cursor class for cursors like this."""
     kind = type(cursor)
-    fixed = not hasattr(cursor, "__dict__") and not hasattr(kind, "__getattr__")
+    listable = not hasattr(kind, "__getattr__")
     namespace = {
         "__module__": __name__,
         "__qualname__": SteadyDBCursor.__qualname__,
@@ -971,11 +986,13 @@ def _cursor_class(cursor: Any) -> type[SteadyDBCursor]:
     cls = types.new_class(
         SteadyDBCursor.__name__,
         (SteadyDBCursor,),
-        {"forwarding": fixed},
+        {"forwarding": listable},
         lambda ns: ns.update(namespace),
     )
-    if fixed:
-        forwarding.forward(cls, dir(kind), make=_forwarder)
+    if listable:
+        had = getattr(cursor, "__dict__", ())  # names its first cursor had
+        names = forwarding.names_of(kind).union(_DBAPI_CURSOR_NAMES, had)
+        forwarding.forward(cls, names, make=_forwarder)
     _cursor_classes[kind] = cls
     return cls
 

@@ -275,6 +275,30 @@ def test_the_fork_hook_leaves_a_reused_descriptor_alone(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_the_fork_hook_opens_dev_null_again_when_its_descriptor_was_taken(
+    tmp_path: Path,
+) -> None:
+    """forksafe keeps one descriptor on /dev/null open for its fork hook; a process that
+    closed it (closing every descriptor, as daemons do) and reused the number keeps that
+    file, and the sockets are still blinded."""
+    sock, peer = socket.socketpair()
+    drivers.track(sock)
+    null = drivers._devnull()
+    assert null is not None and _fd_target(null[0]) == os.devnull
+    os.close(null[0])
+    try:
+        with open(tmp_path / "mine", "w") as mine:
+            assert mine.fileno() == null[0], "the descriptor number was not reused"
+            got = fork_child(lambda: [_fd_target(sock.fileno()), _fd_target(mine.fileno())])
+            assert got == [os.devnull, str(tmp_path / "mine")]
+            assert _fd_target(mine.fileno()) == str(tmp_path / "mine")
+    finally:
+        drivers.untrack(sock)
+        sock.close()
+        peer.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_a_child_that_reused_an_inherited_descriptor_keeps_it_when_the_pool_resets(
     target: Target,
 ) -> None:

@@ -535,6 +535,75 @@ def test_driver_execute_methods_the_wrapper_lacks_still_fail_over() -> None:
     steady.close()
 
 
+class _LateCursor:
+    """A driver cursor (with a ``__dict__``) that gains attributes as it is used."""
+
+    def __init__(self) -> None:
+        self.arraysize = 1
+
+    def execute(self, sql: str) -> None:
+        self.last_sql = sql  # a name no cursor has before its first execute()
+
+        def remember() -> None:
+            self.statements = [*getattr(self, "statements", []), sql]
+
+        remember()
+
+    def close(self) -> None:
+        pass
+
+
+class _LateConnection:
+    def cursor(self) -> _LateCursor:
+        return _LateCursor()
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_attributes_a_driver_sets_on_its_cursors_later_are_forwarded() -> None:
+    steady = steady_db.connect(_LateConnection, failures=OSError)
+    first = steady.cursor()
+    assert not hasattr(type(first), "__getattr__"), "listable names are forwarded directly"
+    with pytest.raises(AttributeError, match="last_sql"):
+        first.last_sql  # noqa: B018 - not set yet: the driver cursor's own error
+    first.execute("SELECT 1")
+    second = steady.cursor()
+    second.execute("SELECT 2")
+    assert (first.last_sql, second.last_sql) == ("SELECT 1", "SELECT 2")
+    assert second.statements == ["SELECT 2"]
+    assert first.arraysize == 1
+    first.arraysize = 5  # set on the wrapper, as with DBUtils' forwarding
+    assert (first.arraysize, first.dbapi_cursor.arraysize) == (5, 1)
+    first.dbapi_cursor.lastrowid = 7  # a PEP 249 name, forwarded even if never listed
+    assert first.lastrowid == 7
+    steady.close()
+
+
+class _DynamicCursor(_LateCursor):
+    def __getattr__(self, name: str) -> str:
+        if name.startswith("dyn_"):
+            return name.upper()
+        raise AttributeError(name)
+
+
+def test_a_driver_cursor_with_its_own_getattr_is_forwarded_by_name() -> None:
+    class Connection(_LateConnection):
+        def cursor(self) -> _DynamicCursor:
+            return _DynamicCursor()
+
+    steady = steady_db.connect(Connection, failures=OSError)
+    cursor = steady.cursor()
+    assert hasattr(type(cursor), "__getattr__")
+    assert cursor.dyn_anything == "DYN_ANYTHING"
+    with pytest.raises(AttributeError):
+        cursor.other  # noqa: B018
+    steady.close()
+
+
 def test_a_steady_cursor_subclass_keeps_forwarding_by_name() -> None:
     class Mine(forksafe.SteadyDBCursor):
         pass
