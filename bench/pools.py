@@ -66,6 +66,7 @@ SQL = "SELECT 1"
 THREAD_MODES = (1, 8)
 CAP = 4  # connections a capped pool may hold with 8 threads
 REPEATS = 9
+STEPS_ROUNDS, STEPS_PER_ROUND = 20, 200  # the per-step breakdown (real servers)
 
 Cycle = Callable[[], None]
 Factory = Callable[["Driver", dict[str, Any], int], tuple[Cycle, Cycle]]
@@ -814,9 +815,86 @@ def run_backend(name: str, budget: float, all_results: list[Result]) -> dict[str
         add_ratios(results, rows, name)
         print_table(backend, results, notes)
         all_results.extend(results)
-        return {"backend": name, "notes": notes}
+        report: dict[str, Any] = {"backend": name, "notes": notes}
+        if name != "fake":
+            driver = {"pg": "psycopg2", "mysql": "pymysql"}[name]
+            report["steps_us"] = measure_steps(backend, driver, STEPS_ROUNDS, STEPS_PER_ROUND)
+            print_steps(f"{name} ({driver})", report["steps_us"])
+        return report
     finally:
         backend.close()
+
+
+# -- steps ----------------------------------------------------------------------------
+
+STEPS = ("checkout", "cursor", "execute", "fetchone", "close cursor", "return")
+
+
+def measure_steps(backend: Backend, driver: str, rounds: int, per_round: int) -> dict[str, Any]:
+    """Median us of each step of a 1-thread cycle: a raw connection, then forksafe
+    PooledDB, alternating by rounds. The raw cycle's "checkout" only returns the
+    connection (the timer's and a call's own cost); its "return" is ``rollback()``."""
+    from forksafe import PooledDB
+
+    tag = f"fsbench_steps_{os.getpid()}"
+    drv = Driver(backend.drivers[driver], backend.on_connect(tag))
+    kw = backend.connect_kwargs(driver, tag)
+    con = drv.connect(**kw)
+    pool = PooledDB(drv, maxconnections=CAP, blocking=True, **kw)
+    ns = time.perf_counter_ns
+
+    def steps(take: Callable[[], Any], give: Callable[[Any], Any]) -> tuple[int, ...]:
+        t0 = ns()
+        handle = take()
+        t1 = ns()
+        cur = handle.cursor()
+        t2 = ns()
+        cur.execute(SQL)
+        t3 = ns()
+        cur.fetchone()
+        t4 = ns()
+        cur.close()
+        t5 = ns()
+        give(handle)
+        t6 = ns()
+        return t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5
+
+    def raw_steps() -> tuple[int, ...]:
+        return steps(lambda: con, lambda handle: handle.rollback())
+
+    def pool_steps() -> tuple[int, ...]:
+        return steps(pool.connection, lambda handle: handle.close())
+
+    samples: dict[str, list[tuple[int, ...]]] = {"raw": [], "forksafe PooledDB": []}
+    runs = (("raw", raw_steps), ("forksafe PooledDB", pool_steps))
+    try:
+        for _name, run in runs:  # warm up
+            for _ in range(per_round // 4):
+                run()
+        for i in range(rounds):
+            for name, run in runs if i % 2 == 0 else runs[::-1]:
+                samples[name] += [run() for _ in range(per_round)]
+    finally:
+        pool.close()
+        con.close()
+    return {
+        name: [statistics.median(s[j] for s in got) / 1000 for j in range(len(STEPS))]
+        for name, got in samples.items()
+    }
+
+
+def print_steps(name: str, steps: dict[str, Any]) -> None:
+    raw_us, fs_us = steps["raw"], steps["forksafe PooledDB"]
+    print(f"\n### {name}, 1 thread, each step of a cycle: median us ({STEPS_ROUNDS} rounds x")
+    print(f"    {STEPS_PER_ROUND} cycles each, raw and forksafe PooledDB alternating)")
+    print(f"  {'step':14s} {'raw':>8s} {'forksafe':>9s} {'added':>7s}")
+    for step, a, b in zip(STEPS, raw_us, fs_us, strict=True):
+        print(f"  {step:14s} {a:8.1f} {b:9.1f} {b - a:+7.1f}")
+    total_raw, total_fs = sum(raw_us), sum(fs_us)
+    print(
+        f"  {'total':14s} {total_raw:8.1f} {total_fs:9.1f} {total_fs - total_raw:+7.1f}"
+        f"   (raw / forksafe: {total_raw / total_fs:.3f})"
+    )
 
 
 # -- fork -----------------------------------------------------------------------------
@@ -1217,8 +1295,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9, help="repetitions, best is kept")
     args = parser.parse_args(argv)
     budget = args.budget or (0.02 if args.quick else 0.1)
-    global REPEATS
+    global REPEATS, STEPS_ROUNDS
     REPEATS = max(1, args.repeats)
+    if args.quick:
+        STEPS_ROUNDS = 4
     forks = 10 if args.quick else 100
     names = ["fake", "pg", "mysql"] if args.backend == "all" else [args.backend]
     import dbutils
