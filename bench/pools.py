@@ -1151,14 +1151,19 @@ def targets(results: list[Result], fork: dict[str, Any] | None) -> list[dict[str
         return float(getattr(x, field_) / getattr(y, field_))
 
     def paired_ratio(backend: str, threads: int, a: str, b: str) -> float | None:
-        """qps of ``a`` / qps of ``b``: the median over the rounds of the ratio within each
-        round (both ran one repetition each per round, back to back), so that load that
-        comes and goes between rounds cancels out."""
+        """ns per cycle of ``a`` / that of ``b`` (on a real server: qps of ``a`` / qps of
+        ``b``): the median over the rounds of the ratio within each round (both ran one
+        repetition per round, back to back), so that load that comes and goes between
+        rounds cancels out."""
         x, y = by.get((backend, threads, a)), by.get((backend, threads, b))
         if x is None or y is None:
             return None
         runs = list(zip(x.extra["ns_runs"], y.extra["ns_runs"], strict=False))
-        return statistics.median(ns_b / ns_a for ns_a, ns_b in runs) if runs else None
+        if not runs:
+            return None
+        if backend == "fake":
+            return statistics.median(ns_a / ns_b for ns_a, ns_b in runs)
+        return statistics.median(ns_b / ns_a for ns_a, ns_b in runs)
 
     def peer_ratio(backend: str, contender: str) -> tuple[float | None, str]:
         r = by.get((backend, 8, contender))
@@ -1179,6 +1184,15 @@ def targets(results: list[Result], fork: dict[str, Any] | None) -> list[dict[str
         0.5,
         True,
     )
+    for threads, limit in ((1, 0.25), (8, 0.5)):
+        check(
+            f"fake {threads} thread{'s' if threads > 1 else ''}: {fs} ns/cycle <= {limit}x"
+            f" {db} [extra: median of the per-round ratios]",
+            paired_ratio("fake", threads, fs, db),
+            limit,
+            True,
+            info=True,
+        )
     for backend, label in (("pg", "PostgreSQL/psycopg2"), ("mysql", "MariaDB/PyMySQL")):
         check(
             f"{label} 1 thread: {fs} qps >= 0.95x raw reused connection",
