@@ -931,23 +931,25 @@ def _failover_call(cursor: SteadyDBCursor, name: str) -> Callable[..., Any]:
 
 
 def _forward_by_name(self: SteadyDBCursor, name: str) -> Any:
-    """``__getattr__`` of steady cursors whose driver attributes are not known in advance."""
-    cursor = self._live(name)
-    if name.startswith(("execute", "call")):
+    """The driver cursor's attribute ``name``, its ``execute*``/``call*`` methods with the
+    steady failover. Also the ``__getattr__`` of steady cursors whose driver attributes
+    cannot be listed."""
+    value = getattr(self._live(name), name)
+    if callable(value) and name.startswith(("execute", "call")):
         return _failover_call(self, name)
-    return getattr(cursor, name)
+    return value
 
 
 class _ForwardCall(forwarding.Forward):
-    """Forwards a driver's ``execute*``/``call*`` method, with the steady failover."""
+    """Forwards a driver's ``execute*``/``call*`` attribute: a method gets the steady
+    failover, anything else (a flag named ``executed``, say) is read as it is."""
 
     __slots__ = ()
 
     def __get__(self, wrapper: Any, owner: type | None = None) -> Any:
         if wrapper is None:
             return self
-        wrapper._live(self.name)
-        return _failover_call(wrapper, self.name)
+        return _forward_by_name(wrapper, self.name)
 
 
 def _forwarder(name: str) -> forwarding.Forward:

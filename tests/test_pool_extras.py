@@ -543,6 +543,7 @@ class _LateCursor:
 
     def execute(self, sql: str) -> None:
         self.last_sql = sql  # a name no cursor has before its first execute()
+        self.executed = True  # named like a method the steady cursor wraps; a flag
 
         def remember() -> None:
             self.statements = [*getattr(self, "statements", []), sql]
@@ -575,6 +576,9 @@ def test_attributes_a_driver_sets_on_its_cursors_later_are_forwarded() -> None:
     second.execute("SELECT 2")
     assert (first.last_sql, second.last_sql) == ("SELECT 1", "SELECT 2")
     assert second.statements == ["SELECT 2"]
+    assert second.executed is True
+    with pytest.raises(AttributeError, match="execute_batch"):
+        second.execute_batch  # noqa: B018 - a driver method this driver lacks
     assert first.arraysize == 1
     first.arraysize = 5  # set on the wrapper, as with DBUtils' forwarding
     assert (first.arraysize, first.dbapi_cursor.arraysize) == (5, 1)
