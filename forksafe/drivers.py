@@ -32,6 +32,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from itertools import chain
+from stat import S_ISSOCK
 from typing import Any
 
 __all__ = [
@@ -102,23 +103,20 @@ def socket_fd(con: Any) -> int | None:
     """
     module = _module_of(con)
     try:
-        if module.startswith("pymysql"):
-            sock = con._sock
-            return None if sock is None else int(sock.fileno())
         if module.startswith("sqlite3"):
             return None
-        # psycopg2, psycopg 3 and mysqlclient expose fileno() on the connection.
-        fileno = getattr(con, "fileno", None)
-        if callable(fileno):
-            fd = int(fileno())
-            return fd if fd >= 0 else None
-        sock = getattr(con, "_sock", None) or getattr(con, "socket", None)
-        if sock is not None and callable(getattr(sock, "fileno", None)):
-            fd = int(sock.fileno())
-            return fd if fd >= 0 else None
+        if module.startswith("pymysql"):
+            fileno = getattr(con._sock, "fileno", None)  # _sock is None once closed
+        else:
+            # psycopg2, psycopg 3 and mysqlclient expose fileno() on the connection.
+            fileno = getattr(con, "fileno", None)
+            if not callable(fileno):
+                sock = getattr(con, "_sock", None) or getattr(con, "socket", None)
+                fileno = getattr(sock, "fileno", None)
+        fd = int(fileno()) if callable(fileno) else -1
     except Exception:
         return None
-    return None
+    return fd if fd >= 0 else None  # a closed socket object's fileno() is -1
 
 
 def discard(*cons: Any) -> None:
@@ -224,9 +222,11 @@ def _blind(pairs: Sequence[int], devnull: int) -> int:
     for i in range(0, len(pairs), 2):
         fd = pairs[i]
         try:
-            if os.fstat(fd).st_ino != pairs[i + 1]:
+            status = os.fstat(fd)
+            if status.st_ino != pairs[i + 1] or not S_ISSOCK(status.st_mode):
                 continue
-            os.dup2(devnull, fd)
+            # Not inheritable, as the socket was not: a program the child execs gets none.
+            os.dup2(devnull, fd, inheritable=False)
         except OSError:
             continue
         if fd >= len(_blinded):
@@ -245,7 +245,9 @@ def _ours_to_close(
     ``devnull`` is what :func:`_devnull` returns."""
     if tracked is not None and tracked[0] == fd:
         _blind(tracked, devnull[0])
-    if fd >= len(_blinded) or not _blinded[fd]:
+    if fd >= len(_blinded) or not _blinded[fd] or fd == devnull[0]:
+        # Not blinded here, or the number now holds forksafe's own /dev/null descriptor
+        # (a process that closed everything it inherited opened it again).
         return False
     _blinded[fd] = 0
     try:

@@ -35,7 +35,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Protocol
 
 from forksafe import drivers
@@ -197,13 +197,14 @@ def _snapshot() -> list[ForkAware]:
 
 
 def _prepare() -> None:
-    drivers.flatten()
     _registry_lock.acquire()
     # Pools never hold their lock during I/O, so each acquire below waits only for
     # another thread's bookkeeping to finish.
     for obj in _snapshot():
         obj._fork_prepare()
         _prepared.append(obj)
+    with suppress(Exception):  # without it, the child reads the socket table itself
+        drivers.flatten()
 
 
 def _after_in_parent() -> None:

@@ -52,15 +52,24 @@ def forward(cls: type, names: Iterable[str], make: Callable[[str], Forward] = Fo
             setattr(cls, name, make(name))
 
 
-def names_of(kind: type) -> set[str]:
-    """The attribute names instances of ``kind`` can have, as far as they can be listed:
-    ``dir(kind)`` and every name its Python methods (and those of its bases) assign to,
-    so that an instance attribute first set by a method (PyMySQL's cursors set
-    ``lastrowid`` at their first ``execute()``) is among them."""
+# Names whose use in a method means it may set attributes no STORE_ATTR shows.
+_DYNAMIC = frozenset({"setattr", "__dict__", "__setattr__", "vars"})
+
+
+def names_of(kind: type) -> set[str] | None:
+    """The attribute names instances of ``kind`` can have: ``dir(kind)`` and every name
+    the Python methods of ``kind`` and its bases assign to (PyMySQL's cursors set
+    ``lastrowid`` at their first ``execute()``), decorated methods' included. None if they
+    cannot be listed: instances have a ``__dict__`` and a method sets attributes by
+    ``setattr()`` or through ``__dict__``. (Without a ``__dict__``, every attribute an
+    instance can have is a slot or a descriptor of the type, so ``dir(kind)`` lists it.)"""
     names = set(dir(kind))
+    open_ended = kind.__dictoffset__ != 0
     for klass in kind.__mro__:
         for value in vars(klass).values():
             for code in _codes(value):
+                if open_ended and _DYNAMIC.intersection(code.co_names):
+                    return None
                 names.update(
                     op.argval for op in dis.get_instructions(code) if op.opname == "STORE_ATTR"
                 )
@@ -68,12 +77,31 @@ def names_of(kind: type) -> set[str]:
 
 
 def _codes(value: Any) -> Iterator[types.CodeType]:
-    """The code objects of a function, static/class method or property, nested ones too."""
+    """The code objects of a function, static/class method or property: nested code,
+    and the functions a decorator wrapped (``__wrapped__`` or held in its closure)."""
     if isinstance(value, (staticmethod, classmethod)):
         value = value.__func__
     parts = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
-    stack = [part.__code__ for part in parts if isinstance(part, types.FunctionType)]
-    while stack:
-        code = stack.pop()
-        yield code
-        stack.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+    functions = [part for part in parts if isinstance(part, types.FunctionType)]
+    seen: set[int] = set()
+    while functions:
+        function = functions.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        wrapped = getattr(function, "__wrapped__", None)
+        cells = [cell.cell_contents for cell in function.__closure__ or () if _filled(cell)]
+        functions += [f for f in [wrapped, *cells] if isinstance(f, types.FunctionType)]
+        stack = [function.__code__]
+        while stack:
+            code = stack.pop()
+            yield code
+            stack += [const for const in code.co_consts if isinstance(const, types.CodeType)]
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True

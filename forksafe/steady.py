@@ -665,9 +665,11 @@ class SteadyDBCursor:
     made for their driver's cursor type, which forwards by descriptors
     (:mod:`forksafe.forwarding`) every name the type lists, every name its Python
     methods assign to, PEP 249's cursor attributes and the names its first cursor had.
-    Only a driver cursor type with a ``__getattr__`` of its own, whose names cannot be
-    listed, is forwarded by ``__getattr__``, which subclasses of this class get unless
-    they define their own. (``dbapi_cursor`` is the driver cursor itself.)
+    A driver cursor type whose names cannot be listed (it has a ``__getattr__`` of its
+    own, or its methods set attributes with ``setattr()`` or through ``__dict__``) is
+    forwarded by ``__getattr__``, which subclasses of this class get unless they define
+    their own. A name set on a driver cursor only by code outside its class, or by C
+    code, is not listed: read it from ``dbapi_cursor``, the driver cursor itself.
 
     Dropping a steady cursor leaves its driver cursor to the driver's own finaliser.
     """
@@ -979,7 +981,8 @@ _DBAPI_CURSOR_NAMES = (
 def _cursor_class(cursor: Any) -> type[SteadyDBCursor]:
     """Make (once per driver cursor type) the steady cursor class for cursors like this."""
     kind = type(cursor)
-    listable = not hasattr(kind, "__getattr__")
+    names = None if hasattr(kind, "__getattr__") else forwarding.names_of(kind)
+    listable = names is not None
     namespace = {
         "__module__": __name__,
         "__qualname__": SteadyDBCursor.__qualname__,
@@ -991,10 +994,9 @@ def _cursor_class(cursor: Any) -> type[SteadyDBCursor]:
         {"forwarding": listable},
         lambda ns: ns.update(namespace),
     )
-    if listable:
+    if names is not None:
         had = getattr(cursor, "__dict__", ())  # names its first cursor had
-        names = forwarding.names_of(kind).union(_DBAPI_CURSOR_NAMES, had)
-        forwarding.forward(cls, names, make=_forwarder)
+        forwarding.forward(cls, names.union(_DBAPI_CURSOR_NAMES, had), make=_forwarder)
     _cursor_classes[kind] = cls
     return cls
 

@@ -298,6 +298,29 @@ def test_the_fork_hook_opens_dev_null_again_when_its_descriptor_was_taken(
         peer.close()
 
 
+def test_blinded_descriptors_are_not_inherited_by_programs_the_child_runs() -> None:
+    sock, peer = socket.socketpair()
+    drivers.track(sock)
+    try:
+        got = fork_child(lambda: [_fd_target(sock.fileno()), os.get_inheritable(sock.fileno())])
+    finally:
+        drivers.untrack(sock)
+        sock.close()
+        peer.close()
+    assert got == [os.devnull, False]
+
+
+def test_discarding_a_connection_whose_socket_object_is_closed_is_quiet() -> None:
+    """PyMySQL keeps a closed socket object whose fileno() is -1: no descriptor to blind."""
+    sock, peer = socket.socketpair()
+    sock.close()
+    peer.close()
+    connection = type("Connection", (), {"__module__": "pymysql.connections"})()
+    connection._sock = sock
+    assert drivers.socket_fd(connection) is None
+    drivers.discard(connection)  # never raises
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_a_child_that_reused_an_inherited_descriptor_keeps_it_when_the_pool_resets(
     target: Target,

@@ -4,6 +4,7 @@ stats, laziness, bounded sessions for pool-per-call code, and clear errors for b
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import socket
@@ -584,6 +585,43 @@ def test_attributes_a_driver_sets_on_its_cursors_later_are_forwarded() -> None:
     assert (first.arraysize, first.dbapi_cursor.arraysize) == (5, 1)
     first.dbapi_cursor.lastrowid = 7  # a PEP 249 name, forwarded even if never listed
     assert first.lastrowid == 7
+    steady.close()
+
+
+def _recorded(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any) -> Any:
+        return method(self, *args)
+
+    return wrapper
+
+
+class _DecoratedCursor(_LateCursor):
+    @_recorded
+    def execute(self, sql: str) -> None:
+        self.status = "EXECUTED"  # set inside a decorated method
+
+
+class _SetattrCursor(_LateCursor):
+    def execute(self, sql: str) -> None:
+        setattr(self, "notices", [sql])  # noqa: B010 - what some drivers do
+
+
+@pytest.mark.parametrize("kind", [_DecoratedCursor, _SetattrCursor])
+def test_names_set_in_decorated_methods_or_by_setattr_are_forwarded(kind: type) -> None:
+    class Connection(_LateConnection):
+        def cursor(self) -> Any:
+            return kind()
+
+    steady = steady_db.connect(Connection, failures=OSError)
+    cursor = steady.cursor()
+    cursor.execute("SELECT 1")
+    if kind is _DecoratedCursor:
+        assert not hasattr(type(cursor), "__getattr__"), "the wrapped method was read"
+        assert cursor.status == "EXECUTED"
+    else:
+        assert hasattr(type(cursor), "__getattr__"), "setattr() names cannot be listed"
+        assert cursor.notices == ["SELECT 1"]
     steady.close()
 
 
