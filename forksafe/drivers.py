@@ -327,17 +327,24 @@ def transaction_probe(con: Any) -> Callable[[Any], object] | None:
 _QUIET_EVENTS = select.POLLIN | select.POLLPRI if hasattr(select, "poll") else 0
 
 
-def _pymysql_quiet(con: Any) -> bool:
+def _pymysql_quiet(con: Any) -> Callable[[Any], bool] | None:
+    """The quiet probe of one PyMySQL connection: one poller, registered once."""
     sock = con._sock
     if sock is None or not _QUIET_EVENTS:
-        return False
+        return None
     poller = select.poll()
     poller.register(sock.fileno(), _QUIET_EVENTS)
-    return not poller.poll(0)
+
+    def quiet(con: Any) -> bool:
+        # A connection that has another socket (or none) since is not vouched for.
+        return con._sock is sock and not poller.poll(0)
+
+    return quiet
 
 
 def quiet_probe(con: Any) -> Callable[[Any], bool] | None:
-    """A local check that stands in for a ping's round trip, or None for this driver.
+    """A local check of ``con`` that stands in for a ping's round trip, or None for its
+    driver. Made once per driver connection, and called with it.
 
     The MySQL protocol never sends an idle client anything unasked: the server writes to
     an idle session's socket only as it closes it (``KILL``, ``wait_timeout``, shutdown,
@@ -348,5 +355,5 @@ def quiet_probe(con: Any) -> Callable[[Any], bool] | None:
     sessions notifications and parameter changes, so it gets no such probe.
     """
     if _module_of(con).startswith("pymysql"):
-        return _pymysql_quiet
+        return _pymysql_quiet(con)
     return None

@@ -20,7 +20,7 @@ import fakedb
 import pytest
 
 import forksafe
-from forksafe import PersistentDB, PooledDB, steady_db
+from forksafe import PersistentDB, PooledDB, drivers, steady_db
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -419,10 +419,28 @@ def test_a_pymysql_ping_asks_the_server_only_when_its_socket_has_news(mysql: Any
     assert pings_after == pings_before, "a checkout sent COM_PING to a quiet connection"
     _kill_session(mysql, first)
     assert poll(lambda: not _alive_mysql_session(mysql, first))
-    second, _ = session()
+    second, pings_before = session()
     assert second != first
     assert pool.stats()["reconnects"] == 1
+    for _ in range(5):  # the replacement is polled too, through its own socket
+        pool.connection().close()
+    assert session() == (second, pings_before)
     pool.close()
+
+
+def test_a_pymysql_quiet_probe_vouches_only_for_the_socket_it_watches(mysql: Any) -> None:
+    pymysql = pytest.importorskip("pymysql")
+    con = pymysql.connect(**mysql.kwargs)
+    quiet = drivers.quiet_probe(con)
+    assert quiet is not None and quiet(con)
+    other = pymysql.connect(**mysql.kwargs)
+    try:
+        con._sock, other._sock = other._sock, con._sock  # as after a reconnect
+        assert not quiet(con), "a probe watching the old socket vouched for a new one"
+    finally:
+        con._sock, other._sock = other._sock, con._sock
+        other.close()
+        con.close()
 
 
 def _alive_mysql_session(target: Any, session: int) -> bool:
