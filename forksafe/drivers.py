@@ -154,11 +154,12 @@ def track(con: Any) -> None:
     """Remember the socket of ``con``, a driver connection, for :func:`blind_inherited`."""
     global _flat
     fd = socket_fd(con)
+    if fd is None:
+        untrack(con)
+        return
     try:
-        inode = -1 if fd is None else os.fstat(fd).st_ino
+        inode = os.fstat(fd).st_ino
     except OSError:
-        inode = -1
-    if fd is None or inode < 0:
         untrack(con)
         return
     _sockets[id(con)] = (fd, inode)

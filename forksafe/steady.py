@@ -982,7 +982,6 @@ def _cursor_class(cursor: Any) -> type[SteadyDBCursor]:
     """Make (once per driver cursor type) the steady cursor class for cursors like this."""
     kind = type(cursor)
     names = None if hasattr(kind, "__getattr__") else forwarding.names_of(kind)
-    listable = names is not None
     namespace = {
         "__module__": __name__,
         "__qualname__": SteadyDBCursor.__qualname__,
@@ -991,7 +990,7 @@ def _cursor_class(cursor: Any) -> type[SteadyDBCursor]:
     cls = types.new_class(
         SteadyDBCursor.__name__,
         (SteadyDBCursor,),
-        {"forwarding": listable},
+        {"forwarding": names is not None},
         lambda ns: ns.update(namespace),
     )
     if names is not None:
