@@ -1,6 +1,7 @@
 """Pool benchmark: forksafe against DBUtils, SQLAlchemy and psycopg_pool, in one run.
 
     python bench/pools.py [--quick] [--backend fake|pg|mysql|all] [--repeats 9] [--budget 0.1]
+                          [--cores one|two|any]
 
 One *cycle* is what an application does per request: check out a connection, open a
 cursor, ``execute("SELECT 1")``, ``fetchone()``, close the cursor, give the connection
@@ -24,8 +25,11 @@ fork with the same 100 connections open but no pools (and forksafe's fork hooks 
 their own), and a child's first checkout.
 
 Prints a table, PASS/FAIL lines for the targets (ratios within this run, never absolute
-numbers), then one line ``JSON {...}`` with every number. A backend whose server is
-unreachable is skipped with a note. Servers: ``FORKSAFE_BENCH_PG`` (a libpq conninfo,
+numbers), then one line ``JSON {...}`` with every number. On real servers the bench
+process and the server task behind each of its connections are pinned to one CPU
+(``--cores``, see :class:`Placement`): a local round trip costs 50 us on one core and
+175 us across two, and left to the scheduler a contender lands on either. A backend
+whose server is unreachable is skipped with a note. Servers: ``FORKSAFE_BENCH_PG`` (a libpq conninfo,
 default ``host=127.0.0.1 port=5432 user=root dbname=test``) and ``FORKSAFE_BENCH_MYSQL``
 (``host:port/db``, user root, default ``127.0.0.1:3306/test``).
 """
@@ -455,6 +459,103 @@ def contenders(backend: str) -> tuple[list[Contender], dict[str, str]]:
     return rows, notes
 
 
+# -- where the client and the servers run ---------------------------------------------
+
+
+class Placement:
+    """Pins this process and the server task behind each connection it opens (a
+    PostgreSQL backend process, a MariaDB connection thread) to chosen CPUs.
+
+    A local round trip costs about 50 us when the client and its server task share a
+    core and about 175 us when they sit on two (the reply needs a cross-core wake-up),
+    and unpinned, the scheduler switches between the two from one second to the next:
+    contenders measured back to back then differ threefold for reasons that are not
+    theirs. ``one`` puts everything on one CPU, ``two`` the client on one and the server
+    tasks on another, ``any`` pins nothing. Pinning needs the server on this machine and
+    the right to set another user's affinity; without them the run is ``any`` and says why.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.problem: str | None = None
+        self.pinned: dict[int, str] = {}  # server task -> its command name, to unpin later
+        self._lock = threading.Lock()
+        self._everywhere = sorted(os.sched_getaffinity(0))
+        first = self._everywhere[0]
+        second = self._everywhere[1] if len(self._everywhere) > 1 else first
+        self.client = {first}
+        self.server = {first if mode == "one" else second}
+        if mode == "two" and second == first:
+            self.problem = "one CPU available: the client and the servers share it"
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "any" and self.problem is None
+
+    def describe(self) -> str:
+        if self.mode == "any":
+            return "unpinned"
+        if self.problem is not None:
+            return f"unpinned ({self.problem})"
+        return f"client on CPU {min(self.client)}, server sessions on CPU {min(self.server)}"
+
+    def _set(self, cpus: set[int] | list[int], tasks: list[int]) -> None:
+        for task in tasks:
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setaffinity(task, cpus)
+
+    def pin_client(self) -> None:
+        """Every thread of this process (threads started later inherit it)."""
+        if self.active:
+            self._set(self.client, [int(t) for t in os.listdir("/proc/self/task")])
+
+    def unpin_client(self) -> None:
+        if self.mode != "any":
+            self._set(self._everywhere, [int(t) for t in os.listdir("/proc/self/task")])
+
+    def pin_server(self, task: int | None, names: tuple[str, ...]) -> None:
+        """Pin the server task ``task``, once it is known to be a local server process
+        or thread (its command name is one of ``names``); otherwise give up pinning."""
+        if not self.active:
+            return
+        try:
+            if task is None:
+                raise LookupError("the server did not say which task serves a connection")
+            name = _command_name(task)
+            if name not in names:
+                raise LookupError(
+                    f"task {task} is {name!r}, not {'/'.join(names)}: a remote server?"
+                )
+            os.sched_setaffinity(task, self.server)
+        except (LookupError, OSError) as exc:
+            with self._lock:
+                self.problem = self.problem or f"cannot pin server tasks: {exc}"
+            self.unpin_client()
+            return
+        with self._lock:
+            self.pinned[task] = name
+
+    def release(self) -> None:
+        """Give the server tasks that are still alive (MariaDB keeps idle threads) every CPU."""
+        for task, name in self.pinned.items():
+            with contextlib.suppress(LookupError, OSError):
+                if _command_name(task) == name:
+                    os.sched_setaffinity(task, self._everywhere)
+        self.pinned.clear()
+        self.unpin_client()
+
+
+def _command_name(task: int) -> str:
+    try:
+        with open(f"/proc/{task}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        raise LookupError(f"no task {task} on this machine") from None
+
+
+PLACEMENT = Placement("any")
+
+
 # -- backends -------------------------------------------------------------------------
 
 
@@ -507,7 +608,7 @@ def pg_backend() -> Backend:
         drivers,
         lambda driver, tag: {**params, "application_name": tag},
         sessions,
-        lambda tag: lambda con: None,
+        lambda tag: lambda con: PLACEMENT.pin_server(con.info.backend_pid, ("postgres",)),
         close=monitor.close,
         note="sessions = pg_stat_activity rows with this contender's application_name",
     )
@@ -527,15 +628,30 @@ def mysql_backend() -> Backend:
         "connect_timeout": 3,
     }
     monitor = pymysql.connect(**params, autocommit=True)
+    lock = threading.Lock()  # the monitor serves the crews' threads and the sampler
     ports: dict[str, set[int]] = {}
+
+    def server_thread(con: Any) -> int | None:
+        with lock, monitor.cursor() as cur:
+            cur.execute(
+                "SELECT tid FROM information_schema.processlist WHERE id = %s", [con.thread_id()]
+            )
+            row = cur.fetchone()
+        return None if row is None else int(row[0])
 
     def on_connect(tag: str) -> Callable[[Any], None]:
         seen = ports.setdefault(tag, set())
-        return lambda con: seen.add(con._sock.getsockname()[1])
+
+        def hook(con: Any) -> None:
+            seen.add(con._sock.getsockname()[1])
+            if PLACEMENT.active:
+                PLACEMENT.pin_server(server_thread(con), ("mariadbd", "mysqld"))
+
+        return hook
 
     def sessions(tag: str) -> int:
         seen = ports.get(tag, set())
-        with monitor.cursor() as cur:
+        with lock, monitor.cursor() as cur:
             cur.execute("SELECT host FROM information_schema.processlist")
             hosts = [row[0] or "" for row in cur.fetchall()]
         return sum(
@@ -803,6 +919,8 @@ def run_backend(name: str, budget: float, all_results: list[Result]) -> dict[str
         message = f"{type(exc).__name__}: {exc}".strip()
         print(f"\n### {name}: skipped, server or driver unavailable ({message})")
         return {"backend": name, "skipped": message}
+    if name != "fake":
+        PLACEMENT.pin_client()
     try:
         rows, notes = contenders(name)
         results = []
@@ -817,12 +935,16 @@ def run_backend(name: str, budget: float, all_results: list[Result]) -> dict[str
         all_results.extend(results)
         report: dict[str, Any] = {"backend": name, "notes": notes}
         if name != "fake":
+            report["placement"] = PLACEMENT.describe()
+            print(f"  placement: {report['placement']}")
+        if name != "fake":
             driver = {"pg": "psycopg2", "mysql": "pymysql"}[name]
             report["steps_us"] = measure_steps(backend, driver, STEPS_ROUNDS, STEPS_PER_ROUND)
             print_steps(f"{name} ({driver})", report["steps_us"])
         return report
     finally:
         backend.close()
+        PLACEMENT.release()
 
 
 # -- steps ----------------------------------------------------------------------------
@@ -1307,7 +1429,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("fake", "pg", "mysql", "all"), default="all")
     parser.add_argument("--budget", type=float, help="seconds per repetition (default 0.1)")
     parser.add_argument("--repeats", type=int, default=9, help="repetitions, best is kept")
+    parser.add_argument(
+        "--cores",
+        choices=("one", "two", "any"),
+        default="one",
+        help="real servers: pin the client and the server sessions to one CPU (default),"
+        " the client to one and the servers to another, or pin nothing",
+    )
     args = parser.parse_args(argv)
+    global PLACEMENT
+    PLACEMENT = Placement(args.cores)
     budget = args.budget or (0.02 if args.quick else 0.1)
     global REPEATS, STEPS_ROUNDS
     REPEATS = max(1, args.repeats)
@@ -1326,6 +1457,7 @@ def main(argv: list[str] | None = None) -> int:
         "sqlalchemy": sqlalchemy.__version__,
         "loadavg_at_start": os.getloadavg(),
         "git": git_state(),
+        "cores": args.cores,
     }
     started = time.time()
     print(
