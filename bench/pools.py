@@ -29,9 +29,9 @@ numbers), then one line ``JSON {...}`` with every number. On real servers the be
 process and the server task behind each of its connections are pinned to one CPU
 (``--cores``, see :class:`Placement`): a local round trip costs 50 us on one core and
 175 us across two, and left to the scheduler a contender lands on either. A backend
-whose server is unreachable is skipped with a note. Servers: ``FORKSAFE_BENCH_PG`` (a libpq conninfo,
-default ``host=127.0.0.1 port=5432 user=root dbname=test``) and ``FORKSAFE_BENCH_MYSQL``
-(``host:port/db``, user root, default ``127.0.0.1:3306/test``).
+whose server is unreachable is skipped with a note. Servers: ``FORKSAFE_BENCH_PG`` (a
+libpq conninfo, default ``host=127.0.0.1 port=5432 user=root dbname=test``) and
+``FORKSAFE_BENCH_MYSQL`` (``host:port/db``, user root, default ``127.0.0.1:3306/test``).
 """
 
 from __future__ import annotations
@@ -191,7 +191,10 @@ class Driver(types.ModuleType):
         self.opened: list[None] = []  # list.append is atomic: safe from many threads
 
     def connect(self, *args: Any, **kwargs: Any) -> Any:
-        con = self._connect(*args, **kwargs)
+        return self.opened_elsewhere(self._connect(*args, **kwargs))
+
+    def opened_elsewhere(self, con: Any) -> Any:
+        """Count (and pin, see Placement) a connection opened by the driver directly."""
         self.opened.append(None)
         self._on_connect(con)
         return con
@@ -318,7 +321,7 @@ def psycopg_pool_factory(drv: Driver, kw: dict[str, Any], threads: int) -> tuple
         min_size=CAP,
         max_size=CAP,
         open=True,
-        configure=lambda con: drv.opened.append(None),
+        configure=drv.opened_elsewhere,
     )
     pool.wait()
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
