@@ -916,7 +916,10 @@ class PooledDedicatedDBConnection(_PooledProxy):
                     except Exception:
                         pass
                 if state is None or state:
-                    con._rollback()
+                    try:  # con._rollback(), inlined likewise
+                        con._con.rollback()
+                    except Exception as error:
+                        con._rollback_failed(error)
             if not con._closed:
                 pool._idle.append(con)
             next(pool._given_back)

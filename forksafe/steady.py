@@ -426,18 +426,25 @@ class SteadyDBConnection:
         """Roll back; after one of ``failures``, reconnect for the next use. Returns the
         error instead of raising it: pools returning a connection ignore it (one Python
         call on their hot path), :meth:`rollback` raises it."""
-        try:
-            if self._generation != fork.generation:
-                self._check_process()
-            self._transaction = False
+        if self._generation != fork.generation:
             try:
-                self._con.rollback()
-            except self._failures:
-                self._try_reconnect()
-                raise
+                self._check_process()
+            except Exception as error:
+                return error
+        self._transaction = False
+        try:
+            self._con.rollback()
         except Exception as error:
-            return error
+            return self._rollback_failed(error)
         return None
+
+    def _rollback_failed(self, error: Exception) -> Exception:
+        """After the driver's rollback() raised ``error``: if it is one of ``failures``,
+        reconnect for the next use. Returns ``error``."""
+        if isinstance(error, self._failures):
+            with suppress(Exception):
+                self._try_reconnect()
+        return error
 
     def _set_ping(self, flags: int) -> None:
         self._ping = flags

@@ -208,6 +208,27 @@ def test_stats_count_transparent_reconnects() -> None:
     assert pool.stats()["reconnects"] == 1
 
 
+@pytest.mark.parametrize(
+    ("error", "replaced"), [(fakedb.OperationalError, True), (fakedb.ProgrammingError, False)]
+)
+def test_a_rollback_failing_on_return_is_quiet_and_replaces_only_a_broken_connection(
+    error: type[Exception], replaced: bool
+) -> None:
+    """The reset on return swallows the error; one of ``failures`` (OperationalError by
+    default) reconnects before the connection is reused, anything else keeps it."""
+    pool = PooledDB(fakedb, maxconnections=1, ping=0)
+    with pool.connection() as db:
+        first = number_of(db)
+        fakedb.fail_next(1, "rollback", error)
+    assert fakedb.counts.rollbacks == 1
+    with pool.connection() as db:
+        assert (number_of(db) != first) is replaced
+    stats = pool.stats()
+    assert stats["reconnects"] == int(replaced)
+    assert stats["in_use"] == 0 and stats["idle"] == 1
+    pool.close()
+
+
 # -- pool per call -------------------------------------------------------------------
 
 
