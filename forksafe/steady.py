@@ -113,6 +113,15 @@ def connect(
     )
 
 
+def _check_failures(failures: Any) -> None:
+    """Refuse a ``failures`` argument that is not None, an exception class or a tuple of them."""
+    if failures is not None and not all(
+        isinstance(kind, type) and issubclass(kind, Exception)
+        for kind in (failures if isinstance(failures, tuple) else (failures,))
+    ):
+        raise TypeError(f"failures={failures!r} must be an exception class or a tuple of them")
+
+
 class Recipe:
     """Everything that determines a steady connection, as the pools keep it.
 
@@ -131,6 +140,7 @@ class Recipe:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
+        _check_failures(failures)
         self.creator = creator
         self.maxusage = maxusage
         self.setsession = setsession
@@ -263,12 +273,7 @@ class SteadyDBConnection:
                 f"setsession={setsession!r} must be a list of SQL statements, not one string"
             )
         self._setsession_sql = setsession
-        if (
-            failures is not None
-            and not isinstance(failures, tuple)
-            and not (isinstance(failures, type) and issubclass(failures, Exception))
-        ):
-            raise TypeError(f"failures={failures!r} must be an exception class or a tuple of them")
+        _check_failures(failures)
         self._failures = failures
         self._failure = None
         if isfatal is not None and not callable(isfatal):

@@ -217,16 +217,18 @@ def test_a_rollback_failing_on_return_is_quiet_and_replaces_only_a_broken_connec
     """The reset on return swallows the error; one of ``failures`` (OperationalError by
     default) reconnects before the connection is reused, anything else keeps it."""
     pool = PooledDB(fakedb, maxconnections=1, ping=0)
-    with pool.connection() as db:
-        first = number_of(db)
-        fakedb.fail_next(1, "rollback", error)
-    assert fakedb.counts.rollbacks == 1
-    with pool.connection() as db:
-        assert (number_of(db) != first) is replaced
-    stats = pool.stats()
-    assert stats["reconnects"] == int(replaced)
-    assert stats["in_use"] == 0 and stats["idle"] == 1
-    pool.close()
+    try:
+        with pool.connection() as db:
+            first = number_of(db)
+            fakedb.fail_next(1, "rollback", error)
+        assert fakedb.counts.rollbacks == 1
+        with pool.connection() as db:
+            assert (number_of(db) != first) is replaced
+        stats = pool.stats()
+        assert stats["reconnects"] == int(replaced)
+        assert stats["in_use"] == 0 and stats["idle"] == 1
+    finally:
+        pool.close()
 
 
 # -- pool per call -------------------------------------------------------------------
@@ -345,6 +347,14 @@ def test_negative_sizes_are_refused_by_name(name: str) -> None:
 def test_bad_durations_are_refused_by_name(name: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"{name}="):
         PooledDB(fakedb, **{name: value})
+
+
+@pytest.mark.parametrize("failures", ["OperationalError", (fakedb.OperationalError, "oops")])
+def test_failures_that_are_not_exception_classes_are_refused_by_name(failures: Any) -> None:
+    for make in (PooledDB, PersistentDB, steady_db.connect):
+        with pytest.raises(TypeError, match="failures="):
+            make(fakedb, failures=failures)
+    assert fakedb.counts.connects == 0
 
 
 def test_maxcached_below_mincached_is_refused() -> None:
