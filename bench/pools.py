@@ -474,18 +474,30 @@ class Placement:
     and unpinned, the scheduler switches between the two from one second to the next:
     contenders measured back to back then differ threefold for reasons that are not
     theirs. ``one`` puts everything on one CPU, ``two`` the client on one and the server
-    tasks on another, ``any`` pins nothing. Pinning needs the server on this machine and
-    the right to set another user's affinity; without them the run is ``any`` and says why.
+    tasks on another, ``any`` pins nothing. A server task is pinned only once it is known
+    to hold the server end of the connection (a local server, in this network namespace);
+    that, and the right to set another user's affinity, are needed. Otherwise nothing
+    stays pinned and :meth:`describe` says why. Every task gets its own CPUs back at
+    :meth:`release`, after which nothing more is pinned.
     """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.problem: str | None = None
-        self.pinned: dict[int, str] = {}  # server task -> its command name, to unpin later
+        self.client: set[int] = set()
+        self.server: set[int] = set()
+        self._client_before: dict[int, set[int]] = {}  # thread -> its CPUs before pin_client
+        self._pinned: dict[int, tuple[str, set[int]]] = {}  # task -> (command, CPUs before)
         self._lock = threading.Lock()
-        self._everywhere = sorted(os.sched_getaffinity(0))
-        first = self._everywhere[0]
-        second = self._everywhere[1] if len(self._everywhere) > 1 else first
+        self._closed = False
+        if mode == "any":
+            return
+        if not hasattr(os, "sched_setaffinity"):
+            self.problem = "this platform cannot set CPU affinity"
+            return
+        cpus = sorted(os.sched_getaffinity(0))
+        first = cpus[0]
+        second = cpus[1] if len(cpus) > 1 else first
         self.client = {first}
         self.server = {first if mode == "one" else second}
         if mode == "two" and second == first:
@@ -493,7 +505,7 @@ class Placement:
 
     @property
     def active(self) -> bool:
-        return self.mode != "any" and self.problem is None
+        return self.mode != "any" and self.problem is None and not self._closed
 
     def describe(self) -> str:
         if self.mode == "any":
@@ -502,50 +514,67 @@ class Placement:
             return f"unpinned ({self.problem})"
         return f"client on CPU {min(self.client)}, server sessions on CPU {min(self.server)}"
 
-    def _set(self, cpus: set[int] | list[int], tasks: list[int]) -> None:
-        for task in tasks:
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                os.sched_setaffinity(task, cpus)
-
     def pin_client(self) -> None:
         """Every thread of this process (threads started later inherit it)."""
-        if self.active:
-            self._set(self.client, [int(t) for t in os.listdir("/proc/self/task")])
-
-    def unpin_client(self) -> None:
-        if self.mode != "any":
-            self._set(self._everywhere, [int(t) for t in os.listdir("/proc/self/task")])
-
-    def pin_server(self, task: int | None, names: tuple[str, ...]) -> None:
-        """Pin the server task ``task``, once it is known to be a local server process
-        or thread (its command name is one of ``names``); otherwise give up pinning."""
         if not self.active:
             return
-        try:
-            if task is None:
-                raise LookupError("the server did not say which task serves a connection")
-            name = _command_name(task)
-            if name not in names:
-                raise LookupError(
-                    f"task {task} is {name!r}, not {'/'.join(names)}: a remote server?"
-                )
-            os.sched_setaffinity(task, self.server)
-        except (LookupError, OSError) as exc:
-            with self._lock:
-                self.problem = self.problem or f"cannot pin server tasks: {exc}"
-            self.unpin_client()
-            return
+        for task in _threads():
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                self._client_before[task] = os.sched_getaffinity(task)
+                os.sched_setaffinity(task, self.client)
+
+    def pin_server(self, client_fd: int, task: int | None, names: tuple[str, ...]) -> None:
+        """Pin ``task``, the server task said to serve the connection whose socket is
+        ``client_fd`` here, once its command name is one of ``names`` and its process
+        holds the other end of that socket; otherwise unpin everything and stop."""
         with self._lock:
-            self.pinned[task] = name
+            if not self.active:
+                return
+            try:
+                if task is None:
+                    raise LookupError("the server did not say which task serves a connection")
+                name = _command_name(task)
+                if name not in names:
+                    raise LookupError(f"task {task} is {name!r}, not {'/'.join(names)}")
+                if not _holds_server_end(task, client_fd):
+                    raise LookupError(
+                        f"task {task} does not hold the server end of this TCP connection"
+                        " (a remote server, another network namespace, or not TCP)"
+                    )
+                # A MariaDB thread serves one connection after another: keep the CPUs it
+                # had before this run first pinned it.
+                before = self._pinned.get(task, (name, os.sched_getaffinity(task)))[1]
+                os.sched_setaffinity(task, self.server)
+            except (LookupError, OSError) as exc:
+                self.problem = f"cannot pin server tasks: {exc}"
+                self._restore()
+                return
+            self._pinned[task] = (name, before)
 
     def release(self) -> None:
-        """Give the server tasks that are still alive (MariaDB keeps idle threads) every CPU."""
-        for task, name in self.pinned.items():
+        """Give every pinned task its CPUs back (MariaDB keeps idle connection threads)."""
+        with self._lock:
+            self._closed = True
+            self._restore()
+
+    def _restore(self) -> None:
+        """Unpin the server tasks still alive and this process's threads (lock held)."""
+        for task, (name, before) in self._pinned.items():
             with contextlib.suppress(LookupError, OSError):
                 if _command_name(task) == name:
-                    os.sched_setaffinity(task, self._everywhere)
-        self.pinned.clear()
-        self.unpin_client()
+                    os.sched_setaffinity(task, before)
+        self._pinned.clear()
+        everywhere = set().union(*self._client_before.values()) if self._client_before else None
+        for task in _threads():
+            with contextlib.suppress(ProcessLookupError):
+                cpus = self._client_before.get(task, everywhere)
+                if cpus:
+                    os.sched_setaffinity(task, cpus)
+        self._client_before.clear()
+
+
+def _threads() -> list[int]:
+    return [int(task) for task in os.listdir("/proc/self/task")]
 
 
 def _command_name(task: int) -> str:
@@ -554,6 +583,41 @@ def _command_name(task: int) -> str:
             return comm.read().strip()
     except OSError:
         raise LookupError(f"no task {task} on this machine") from None
+
+
+def _tcp_sockets() -> dict[int, tuple[int, int]]:
+    """This network namespace's TCP sockets: inode -> (local port, remote port)."""
+    sockets = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                local, remote, inode = fields[1], fields[2], int(fields[9])
+                if inode:
+                    sockets[inode] = (int(local[-4:], 16), int(remote[-4:], 16))
+    return sockets
+
+
+def _socket_inode(link: str) -> int | None:
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    return int(target[8:-1]) if target.startswith("socket:[") else None
+
+
+def _holds_server_end(task: int, client_fd: int) -> bool:
+    """Whether the process of ``task`` holds the local TCP socket at the other end of
+    the one that ``client_fd`` is in this process."""
+    sockets = _tcp_sockets()
+    ports = sockets.get(_socket_inode(f"/proc/self/fd/{client_fd}") or 0)
+    if ports is None:
+        return False  # not a TCP socket (a Unix socket): cannot tell
+    peers = {inode for inode, pair in sockets.items() if pair == (ports[1], ports[0])}
+    with open(f"/proc/{task}/status") as status:
+        tgid = next(line.split()[1] for line in status if line.startswith("Tgid:"))
+    fds = f"/proc/{tgid}/fd"
+    return any(_socket_inode(f"{fds}/{fd}") in peers for fd in os.listdir(fds))
 
 
 PLACEMENT = Placement("any")
@@ -611,7 +675,9 @@ def pg_backend() -> Backend:
         drivers,
         lambda driver, tag: {**params, "application_name": tag},
         sessions,
-        lambda tag: lambda con: PLACEMENT.pin_server(con.info.backend_pid, ("postgres",)),
+        lambda tag: (
+            lambda con: PLACEMENT.pin_server(con.fileno(), con.info.backend_pid, ("postgres",))
+        ),
         close=monitor.close,
         note="sessions = pg_stat_activity rows with this contender's application_name",
     )
@@ -635,11 +701,17 @@ def mysql_backend() -> Backend:
     ports: dict[str, set[int]] = {}
 
     def server_thread(con: Any) -> int | None:
-        with lock, monitor.cursor() as cur:
-            cur.execute(
-                "SELECT tid FROM information_schema.processlist WHERE id = %s", [con.thread_id()]
-            )
-            row = cur.fetchone()
+        """The OS thread serving ``con`` (MariaDB's processlist has a TID column; MySQL's
+        has not, and then the run stays unpinned)."""
+        try:
+            with lock, monitor.cursor() as cur:
+                cur.execute(
+                    "SELECT tid FROM information_schema.processlist WHERE id = %s",
+                    [con.thread_id()],
+                )
+                row = cur.fetchone()
+        except Exception:
+            return None
         return None if row is None else int(row[0])
 
     def on_connect(tag: str) -> Callable[[Any], None]:
@@ -648,7 +720,7 @@ def mysql_backend() -> Backend:
         def hook(con: Any) -> None:
             seen.add(con._sock.getsockname()[1])
             if PLACEMENT.active:
-                PLACEMENT.pin_server(server_thread(con), ("mariadbd", "mysqld"))
+                PLACEMENT.pin_server(con._sock.fileno(), server_thread(con), ("mariadbd", "mysqld"))
 
         return hook
 
@@ -914,7 +986,7 @@ def print_table(backend: Backend, results: list[Result], notes: dict[str, str]) 
         print(f"  {name}: {note}")
 
 
-def run_backend(name: str, budget: float, all_results: list[Result]) -> dict[str, Any]:
+def run_backend(name: str, budget: float, all_results: list[Result], cores: str) -> dict[str, Any]:
     makers = {"fake": fake_backend, "pg": pg_backend, "mysql": mysql_backend}
     try:
         backend = makers[name]()
@@ -922,8 +994,9 @@ def run_backend(name: str, budget: float, all_results: list[Result]) -> dict[str
         message = f"{type(exc).__name__}: {exc}".strip()
         print(f"\n### {name}: skipped, server or driver unavailable ({message})")
         return {"backend": name, "skipped": message}
-    if name != "fake":
-        PLACEMENT.pin_client()
+    global PLACEMENT
+    PLACEMENT = Placement("any" if name == "fake" else cores)  # afresh for each backend
+    PLACEMENT.pin_client()
     try:
         rows, notes = contenders(name)
         results = []
@@ -938,12 +1011,11 @@ def run_backend(name: str, budget: float, all_results: list[Result]) -> dict[str
         all_results.extend(results)
         report: dict[str, Any] = {"backend": name, "notes": notes}
         if name != "fake":
-            report["placement"] = PLACEMENT.describe()
-            print(f"  placement: {report['placement']}")
-        if name != "fake":
             driver = {"pg": "psycopg2", "mysql": "pymysql"}[name]
             report["steps_us"] = measure_steps(backend, driver, STEPS_ROUNDS, STEPS_PER_ROUND)
             print_steps(f"{name} ({driver})", report["steps_us"])
+            report["placement"] = PLACEMENT.describe()
+            print(f"\n  placement (table and steps): {report['placement']}")
         return report
     finally:
         backend.close()
@@ -1440,8 +1512,8 @@ def main(argv: list[str] | None = None) -> int:
         " the client to one and the servers to another, or pin nothing",
     )
     args = parser.parse_args(argv)
-    global PLACEMENT
-    PLACEMENT = Placement(args.cores)
+    # A terminated run still gives the server tasks their CPUs back (finally clauses).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     budget = args.budget or (0.02 if args.quick else 0.1)
     global REPEATS, STEPS_ROUNDS
     REPEATS = max(1, args.repeats)
@@ -1473,7 +1545,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = []
     for name in names:
         began = time.time()
-        backends.append(run_backend(name, budget, results))
+        backends.append(run_backend(name, budget, results, args.cores))
         backends[-1]["seconds"] = round(time.time() - began, 1)
         print(f"({name}: {backends[-1]['seconds']} s)")
     fork = None
