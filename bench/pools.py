@@ -425,8 +425,12 @@ def contenders(backend: str) -> tuple[list[Contender], dict[str, str]]:
         + rollback
         + ". 8 threads: one connection per thread (cannot cap: 8 sessions).",
         "connect-per-query": "connect, query, close(); no rollback (close ends the session)."
-        " Cannot cap."
-        + (" PyMySQL builds an SSL context per connect." if backend == "mysql" else ""),
+        " Cannot cap. Each connect also pins its server task (--cores; about 20 us"
+        + (
+            ", and a processlist query). PyMySQL builds an SSL context per connect."
+            if backend == "mysql"
+            else ")."
+        ),
         "DBUtils PooledDB": "maxconnections=4, blocking=True, reset=True (rollback on every"
         " return), ping=1 (" + ping + ").",
         "DBUtils PersistentDB": "one connection per thread (cannot cap); its close() does not"
@@ -474,9 +478,9 @@ class Placement:
     and unpinned, the scheduler switches between the two from one second to the next:
     contenders measured back to back then differ threefold for reasons that are not
     theirs. ``one`` puts everything on one CPU, ``two`` the client on one and the server
-    tasks on another, ``any`` pins nothing. A server task is pinned only once it is known
-    to hold the server end of the connection (a local server, in this network namespace);
-    that, and the right to set another user's affinity, are needed. Otherwise nothing
+    tasks on another, ``any`` pins nothing. Pinning starts once the server task of the
+    first connection is seen holding its server end (a local server, in this network
+    namespace); that, and the right to set another user's affinity, are needed. Otherwise nothing
     stays pinned and :meth:`describe` says why. Every task gets its own CPUs back at
     :meth:`release`, after which nothing more is pinned.
     """
@@ -490,6 +494,7 @@ class Placement:
         self._pinned: dict[int, tuple[str, set[int]]] = {}  # task -> (command, CPUs before)
         self._lock = threading.Lock()
         self._closed = False
+        self._server_is_local = False
         if mode == "any":
             return
         if not hasattr(os, "sched_setaffinity"):
@@ -536,11 +541,15 @@ class Placement:
                 name = _command_name(task)
                 if name not in names:
                     raise LookupError(f"task {task} is {name!r}, not {'/'.join(names)}")
-                if not _holds_server_end(task, client_fd):
-                    raise LookupError(
-                        f"task {task} does not hold the server end of this TCP connection"
-                        " (a remote server, another network namespace, or not TCP)"
-                    )
+                # Reading the kernel's TCP tables takes milliseconds: the first connection
+                # proves the server is this machine's, later ones trust its answers.
+                if not self._server_is_local:
+                    if not _holds_server_end(task, client_fd):
+                        raise LookupError(
+                            f"task {task} does not hold the server end of this TCP connection"
+                            " (a remote server, another network namespace, or not TCP)"
+                        )
+                    self._server_is_local = True
                 # A MariaDB thread serves one connection after another: keep the CPUs it
                 # had before this run first pinned it.
                 before = self._pinned.get(task, (name, os.sched_getaffinity(task)))[1]
