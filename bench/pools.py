@@ -480,9 +480,9 @@ class Placement:
     theirs. ``one`` puts everything on one CPU, ``two`` the client on one and the server
     tasks on another, ``any`` pins nothing. Pinning starts once the server task of the
     first connection is seen holding its server end (a local server, in this network
-    namespace); that, and the right to set another user's affinity, are needed. Otherwise nothing
-    stays pinned and :meth:`describe` says why. Every task gets its own CPUs back at
-    :meth:`release`, after which nothing more is pinned.
+    namespace); that, and the right to set another user's affinity, are needed.
+    Otherwise nothing stays pinned and :meth:`describe` says why. Every task gets its own
+    CPUs back at :meth:`release`, after which nothing more is pinned.
     """
 
     def __init__(self, mode: str) -> None:
@@ -552,7 +552,8 @@ class Placement:
                     self._server_is_local = True
                 # A MariaDB thread serves one connection after another: keep the CPUs it
                 # had before this run first pinned it.
-                before = self._pinned.get(task, (name, os.sched_getaffinity(task)))[1]
+                known = self._pinned.get(task)
+                before = known[1] if known is not None else os.sched_getaffinity(task)
                 os.sched_setaffinity(task, self.server)
             except (LookupError, OSError) as exc:
                 self.problem = f"cannot pin server tasks: {exc}"
