@@ -71,6 +71,7 @@ THREAD_MODES = (1, 8)
 CAP = 4  # connections a capped pool may hold with 8 threads
 REPEATS = 9
 STEPS_ROUNDS, STEPS_PER_ROUND = 20, 200  # the per-step breakdown (real servers)
+BUSY_LOOPS = 30  # the step table's control: about as long as an idle checkout + return
 
 Cycle = Callable[[], None]
 Factory = Callable[["Driver", dict[str, Any], int], tuple[Cycle, Cycle]]
@@ -1039,8 +1040,9 @@ STEPS = ("checkout", "cursor", "execute", "fetchone", "close cursor", "return")
 
 def measure_steps(backend: Backend, driver: str, rounds: int, per_round: int) -> dict[str, Any]:
     """Median us of each step of a 1-thread cycle: a raw connection, then forksafe
-    PooledDB, alternating by rounds. The raw cycle's "checkout" only returns the
-    connection (the timer's and a call's own cost); its "return" is ``rollback()``."""
+    PooledDB, alternating by rounds with the runs of the control below. The raw cycle's
+    "checkout" only returns the connection (the timer's and a call's own cost); its
+    "return" is ``rollback()``."""
     from forksafe import PooledDB
 
     tag = f"fsbench_steps_{os.getpid()}"
@@ -1072,8 +1074,53 @@ def measure_steps(backend: Backend, driver: str, rounds: int, per_round: int) ->
     def pool_steps() -> tuple[int, ...]:
         return steps(pool.connection, lambda handle: handle.close())
 
-    samples: dict[str, list[tuple[int, ...]]] = {"raw": [], "forksafe PooledDB": []}
-    runs = (("raw", raw_steps), ("forksafe PooledDB", pool_steps))
+    # The pool's own work without I/O: checkout and return of a connection that has no
+    # transaction to roll back (reset=False: its return sends nothing), timed alone in a
+    # tight loop, and wrapped around the raw cycle (which then runs its round trips while
+    # the pool connection is out).
+    idle = PooledDB(drv, maxconnections=CAP, blocking=True, reset=False, **kw)
+
+    def idle_alone() -> tuple[int, ...]:
+        t0 = ns()
+        idle.connection().close()
+        return (ns() - t0,)
+
+    def raw_amid_idle() -> tuple[int, ...]:
+        held = idle.connection()
+        out = raw_steps()
+        held.close()
+        return out
+
+    # The control: plain Python work of about the same cost before the raw cycle.
+    def busy() -> None:
+        for _ in range(BUSY_LOOPS):
+            pass
+
+    def busy_alone() -> tuple[int, ...]:
+        t0 = ns()
+        busy()
+        return (ns() - t0,)
+
+    def raw_after_busy() -> tuple[int, ...]:
+        busy()
+        return raw_steps()
+
+    samples: dict[str, list[tuple[int, ...]]] = {
+        "raw": [],
+        "forksafe PooledDB": [],
+        "raw amid a checkout": [],
+        "checkout alone": [],
+        "raw after a loop": [],
+        "loop alone": [],
+    }
+    runs = (
+        ("raw", raw_steps),
+        ("forksafe PooledDB", pool_steps),
+        ("raw amid a checkout", raw_amid_idle),
+        ("checkout alone", idle_alone),
+        ("raw after a loop", raw_after_busy),
+        ("loop alone", busy_alone),
+    )
     try:
         for _name, run in runs:  # warm up
             for _ in range(per_round // 4):
@@ -1082,10 +1129,11 @@ def measure_steps(backend: Backend, driver: str, rounds: int, per_round: int) ->
             for name, run in runs if i % 2 == 0 else runs[::-1]:
                 samples[name] += [run() for _ in range(per_round)]
     finally:
+        idle.close()
         pool.close()
         con.close()
     return {
-        name: [statistics.median(s[j] for s in got) / 1000 for j in range(len(STEPS))]
+        name: [statistics.median(s[j] for s in got) / 1000 for j in range(len(got[0]))]
         for name, got in samples.items()
     }
 
@@ -1093,7 +1141,7 @@ def measure_steps(backend: Backend, driver: str, rounds: int, per_round: int) ->
 def print_steps(name: str, steps: dict[str, Any]) -> None:
     raw_us, fs_us = steps["raw"], steps["forksafe PooledDB"]
     print(f"\n### {name}, 1 thread, each step of a cycle: median us ({STEPS_ROUNDS} rounds x")
-    print(f"    {STEPS_PER_ROUND} cycles each, raw and forksafe PooledDB alternating)")
+    print(f"    {STEPS_PER_ROUND} cycles each, every run below alternating by rounds)")
     print(f"  {'step':14s} {'raw':>8s} {'forksafe':>9s} {'added':>7s}")
     for step, a, b in zip(STEPS, raw_us, fs_us, strict=True):
         print(f"  {step:14s} {a:8.1f} {b:9.1f} {b - a:+7.1f}")
@@ -1102,6 +1150,15 @@ def print_steps(name: str, steps: dict[str, Any]) -> None:
         f"  {'total':14s} {total_raw:8.1f} {total_fs:9.1f} {total_fs - total_raw:+7.1f}"
         f"   (raw / forksafe: {total_raw / total_fs:.3f})"
     )
+    print("  what a little client work between round trips costs (raw cycle steps, minus raw):")
+    for work, alone, amid in (
+        ("checkout + return of an idle connection", "checkout alone", "raw amid a checkout"),
+        (f"a bare loop of {BUSY_LOOPS} iterations first", "loop alone", "raw after a loop"),
+    ):
+        print(
+            f"    {work:52s} {steps[alone][0]:5.1f} us alone,"
+            f" raw cycle {sum(steps[amid]) - total_raw:+5.1f} us"
+        )
 
 
 # -- fork -----------------------------------------------------------------------------
