@@ -1125,17 +1125,29 @@ def measure_steps(backend: Backend, driver: str, rounds: int, per_round: int) ->
         for _name, run in runs:  # warm up
             for _ in range(per_round // 4):
                 run()
+        # Each round's median cycle, for the controls' differences: taken round by
+        # round, they do not carry the drift between rounds.
+        per_round_us: dict[str, list[float]] = {name: [] for name in samples}
         for i in range(rounds):
             for name, run in runs if i % 2 == 0 else runs[::-1]:
-                samples[name] += [run() for _ in range(per_round)]
+                got = [run() for _ in range(per_round)]
+                samples[name] += got
+                per_round_us[name].append(statistics.median(map(sum, got)) / 1000)
     finally:
         idle.close()
         pool.close()
         con.close()
-    return {
+    result: dict[str, Any] = {
         name: [statistics.median(s[j] for s in got) / 1000 for j in range(len(got[0]))]
         for name, got in samples.items()
     }
+    result["raw cycle added, per-round median"] = {
+        name: statistics.median(
+            amid - bare for amid, bare in zip(per_round_us[name], per_round_us["raw"], strict=True)
+        )
+        for name in ("raw amid a checkout", "raw after a loop")
+    }
+    return result
 
 
 def print_steps(name: str, steps: dict[str, Any]) -> None:
@@ -1150,15 +1162,16 @@ def print_steps(name: str, steps: dict[str, Any]) -> None:
         f"  {'total':14s} {total_raw:8.1f} {total_fs:9.1f} {total_fs - total_raw:+7.1f}"
         f"   (raw / forksafe: {total_raw / total_fs:.3f})"
     )
-    print("  what a little client work between round trips costs (raw cycle steps, minus raw):")
+    print(
+        "  what a little client work between round trips costs (median alone; the raw"
+        " cycle's\n  steps with the work around them minus without, median of the rounds):"
+    )
+    added = steps["raw cycle added, per-round median"]
     for work, alone, amid in (
         ("checkout + return of an idle connection", "checkout alone", "raw amid a checkout"),
         (f"a bare loop of {BUSY_LOOPS} iterations first", "loop alone", "raw after a loop"),
     ):
-        print(
-            f"    {work:52s} {steps[alone][0]:5.1f} us alone,"
-            f" raw cycle {sum(steps[amid]) - total_raw:+5.1f} us"
-        )
+        print(f"    {work:48s} {steps[alone][0]:5.1f} us alone, raw cycle {added[amid]:+5.1f} us")
 
 
 # -- fork -----------------------------------------------------------------------------
