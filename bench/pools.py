@@ -562,6 +562,15 @@ class Placement:
                 return
             self._pinned[task] = (name, before)
 
+    def server_switches(self) -> tuple[int, int]:
+        """Context switches of the pinned server tasks so far, summed: (voluntary, that
+        is going to sleep; involuntary, that is preempted). Tasks gone are left out."""
+        total = (0, 0)
+        for task in list(self._pinned):
+            with contextlib.suppress(OSError, StopIteration):
+                total = _plus(total, _switches(str(task)))
+        return total
+
     def release(self) -> None:
         """Give every pinned task its CPUs back (MariaDB keeps idle connection threads)."""
         with self._lock:
@@ -586,6 +595,17 @@ class Placement:
 
 def _threads() -> list[int]:
     return [int(task) for task in os.listdir("/proc/self/task")]
+
+
+def _switches(task: str) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of ``task`` ("thread-self" or a task id)."""
+    with open(f"/proc/{task}/status") as status:
+        counts = dict(line.split(":") for line in status if "ctxt_switches" in line)
+    return int(counts["voluntary_ctxt_switches"]), int(counts["nonvoluntary_ctxt_switches"])
+
+
+def _plus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
 def _command_name(task: int) -> str:
@@ -1128,9 +1148,15 @@ def measure_steps(backend: Backend, driver: str, rounds: int, per_round: int) ->
         # Each round's median cycle, for the controls' differences: taken round by
         # round, they do not carry the drift between rounds.
         per_round_us: dict[str, list[float]] = {name: [] for name in samples}
+        # Context switches of the server tasks and of this thread, (voluntary,
+        # involuntary) each, over all rounds of a run.
+        switched: dict[str, tuple[int, ...]] = dict.fromkeys(samples, (0, 0, 0, 0))
         for i in range(rounds):
             for name, run in runs if i % 2 == 0 else runs[::-1]:
+                before = (*PLACEMENT.server_switches(), *_switches("thread-self"))
                 got = [run() for _ in range(per_round)]
+                after = (*PLACEMENT.server_switches(), *_switches("thread-self"))
+                switched[name] = _plus(switched[name], _plus(after, tuple(-n for n in before)))
                 samples[name] += got
                 per_round_us[name].append(statistics.median(map(sum, got)) / 1000)
     finally:
@@ -1147,6 +1173,11 @@ def measure_steps(backend: Backend, driver: str, rounds: int, per_round: int) ->
         )
         for name in ("raw amid a checkout", "raw after a loop")
     }
+    if PLACEMENT.active:
+        result["context switches per cycle"] = {
+            name: [n / (rounds * per_round) for n in switched[name]]
+            for name in ("raw", "forksafe PooledDB", "raw amid a checkout", "raw after a loop")
+        }
     return result
 
 
@@ -1172,6 +1203,14 @@ def print_steps(name: str, steps: dict[str, Any]) -> None:
         (f"a bare loop of {BUSY_LOOPS} iterations first", "loop alone", "raw after a loop"),
     ):
         print(f"    {work:48s} {steps[alone][0]:5.1f} us alone, raw cycle {added[amid]:+5.1f} us")
+    switches = steps.get("context switches per cycle")
+    if switches:
+        print(
+            "  context switches per cycle: server tasks sleeping + preempted,"
+            " this thread sleeping + preempted"
+        )
+        for name, (s_sleep, s_pre, c_sleep, c_pre) in switches.items():
+            print(f"    {name:22s} {s_sleep:4.2f} + {s_pre:4.2f}   {c_sleep:4.2f} + {c_pre:4.2f}")
 
 
 # -- fork -----------------------------------------------------------------------------
