@@ -564,11 +564,10 @@ class Placement:
 
     def server_switches(self) -> tuple[int, int]:
         """Context switches of the pinned server tasks so far, summed: (voluntary, that
-        is going to sleep; involuntary, that is preempted). Tasks gone are left out."""
+        is going to sleep; involuntary, that is preempted). Tasks gone count nothing."""
         total = (0, 0)
         for task in list(self._pinned):
-            with contextlib.suppress(OSError, StopIteration):
-                total = _plus(total, _switches(str(task)))
+            total = _plus(total, _switches(str(task)))
         return total
 
     def release(self) -> None:
@@ -598,10 +597,14 @@ def _threads() -> list[int]:
 
 
 def _switches(task: str) -> tuple[int, int]:
-    """(voluntary, involuntary) context switches of ``task`` ("thread-self" or a task id)."""
-    with open(f"/proc/{task}/status") as status:
-        counts = dict(line.split(":") for line in status if "ctxt_switches" in line)
-    return int(counts["voluntary_ctxt_switches"]), int(counts["nonvoluntary_ctxt_switches"])
+    """(voluntary, involuntary) context switches of ``task`` ("thread-self" or a task id);
+    (0, 0) for a task gone, or where /proc does not tell."""
+    try:
+        with open(f"/proc/{task}/status") as status:
+            counts = dict(line.split(":") for line in status if "ctxt_switches" in line)
+        return int(counts["voluntary_ctxt_switches"]), int(counts["nonvoluntary_ctxt_switches"])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
 
 
 def _plus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
