@@ -71,7 +71,7 @@ THREAD_MODES = (1, 8)
 CAP = 4  # connections a capped pool may hold with 8 threads
 REPEATS = 9
 STEPS_ROUNDS, STEPS_PER_ROUND = 20, 200  # the per-step breakdown (real servers)
-BUSY_LOOPS = 30  # the step table's control: about as long as an idle checkout + return
+BUSY_LOOPS = 30  # the step table's control: a bare loop, about half an idle checkout + return
 
 Cycle = Callable[[], None]
 Factory = Callable[["Driver", dict[str, Any], int], tuple[Cycle, Cycle]]
@@ -1114,7 +1114,7 @@ def measure_steps(backend: Backend, driver: str, rounds: int, per_round: int) ->
         held.close()
         return out
 
-    # The control: plain Python work of about the same cost before the raw cycle.
+    # The control: plain Python work that touches almost nothing, before the raw cycle.
     def busy() -> None:
         for _ in range(BUSY_LOOPS):
             pass
