@@ -46,6 +46,7 @@ __all__ = [
     "ForkAware",
     "ProcessBound",
     "after_fork",
+    "armed",
     "generation",
     "getpid",
     "note_process",
@@ -86,6 +87,14 @@ _wipes = _wiped_page is not None
 page: mmap.mmap | bytearray = _wiped_page if _wiped_page is not None else bytearray(1)
 cached_pid = os.getpid()
 
+#: ``armed[0]`` is true while :data:`generation` is known to be this process's, which
+#: connections check besides the generation. Where pages can be wiped it is :data:`page`,
+#: zeroed in a child however it was forked, until :func:`getpid` runs there and bumps the
+#: generation: a fork that ran no Python hook is noticed at the next statement. Elsewhere
+#: it is always true, and such a fork goes unnoticed until :func:`after_fork` or a pool's
+#: pid check.
+armed: mmap.mmap | bytes = _wiped_page if _wiped_page is not None else b"\x01"
+
 
 def getpid() -> int:
     """``os.getpid()``, without its system call while this process has not forked.
@@ -93,22 +102,26 @@ def getpid() -> int:
     Pools compare pids at every checkout and return, to catch forks that ran no Python
     hook (uWSGI's). ``os.getpid()`` is a system call; reading a byte of a page the kernel
     wipes in every child is not. Where the kernel cannot wipe pages, falls back to
-    ``os.getpid()``.
+    ``os.getpid()``. In a new process it bumps :data:`generation` (if the fork hook did
+    not) before setting the page again (see :data:`armed`).
     """
     global cached_pid
     if page[0]:
         return cached_pid
     pid = os.getpid()
     if _wipes:
+        note_process(pid)
         cached_pid = pid
         page[0] = 1
     return pid
 
 
-def note_process() -> bool:
-    """Record that this may be a new process; True if it is (and bump :data:`generation`)."""
+def note_process(pid: int | None = None) -> bool:
+    """Record that this may be a new process; True if it is (and bump :data:`generation`).
+    ``pid``: ``os.getpid()``, if the caller has it."""
     global generation, _pid
-    pid = os.getpid()
+    if pid is None:
+        pid = os.getpid()
     if pid == _pid:
         return False
     _pid = pid

@@ -72,6 +72,8 @@ from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor, _new_cur
 
 # Read by the inlined pid checks on the hot path; see fork.getpid().
 _page = fork.page
+# Read with the generation by the inlined process checks; see fork.armed.
+_armed = fork.armed
 
 __all__ = [
     "InvalidConnection",
@@ -844,7 +846,7 @@ class _PooledProxy:
         if args or kwargs:
             return SteadyDBCursor(con, *args, **kwargs)
         cls = con._cursor_class
-        if not con._plain or con._generation != fork.generation:
+        if not con._plain or con._generation != fork.generation or not _armed[0]:
             return con.cursor()
         # con.cursor()'s fast path, inlined (hot path: one Python call fewer).
         try:

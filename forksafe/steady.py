@@ -46,6 +46,8 @@ InvalidCursor = InvalidCursorError
 
 # Read by the inlined pid checks on the hot path; see fork.getpid().
 _page = fork.page
+# Read with the generation by the process checks on the hot paths; see fork.armed.
+_armed = fork.armed
 
 _PING_ERROR = (
     "'ping' must be an integer, an SQL statement, a callable,"
@@ -348,6 +350,7 @@ class SteadyDBConnection:
         if self._pid:
             self._reconnects += 1
         self._con = con
+        pid = fork.getpid()  # first: in a new process, this also bumps the generation
         drivers.track(con)
         self._in_transaction = drivers.transaction_probe(con)
         self._quiet = drivers.quiet_probe(con)
@@ -355,7 +358,7 @@ class SteadyDBConnection:
         self._transaction = False
         self._closed = False
         self._usage = 0
-        self._pid = fork.getpid()
+        self._pid = pid
         self._generation = fork.generation
         self._created_at = self._idle_since = time.monotonic()
 
@@ -397,14 +400,21 @@ class SteadyDBConnection:
         drivers.discard(self._detach())
 
     def _check_process(self) -> None:
-        """Refuse to work in a process that did not open this connection."""
-        if self._generation != fork.generation and self._pid != fork.getpid():
-            raise ForkedConnectionError(
-                f"this connection was opened by process {self._pid} and inherited through"
-                f" fork() by process {fork.getpid()}; using it would mix both processes'"
-                " queries on one socket. Get a new connection from the pool in this process"
-            )
+        """Refuse to work in a process that did not open this connection.
+
+        The hot paths call it only when ``self._generation != fork.generation or not
+        _armed[0]``: :func:`fork.getpid` bumps the generation in a new process, even one
+        forked without the Python hooks, so the generation alone then tells.
+        """
+        pid = fork.getpid()
         if self._generation != fork.generation:
+            if self._pid != pid:
+                raise ForkedConnectionError(
+                    f"this connection was opened by process {self._pid} and inherited"
+                    f" through fork() by process {pid}; using it would mix both processes'"
+                    " queries on one socket. Get a new connection from the pool in this"
+                    " process"
+                )
             self._generation = fork.generation
 
     def _driver_in_transaction(self) -> bool | None:
@@ -431,7 +441,7 @@ class SteadyDBConnection:
         """Roll back; after one of ``failures``, reconnect for the next use. Returns the
         error instead of raising it: pools returning a connection ignore it (one Python
         call on their hot path), :meth:`rollback` raises it."""
-        if self._generation != fork.generation:
+        if self._generation != fork.generation or not _armed[0]:
             try:
                 self._check_process()
             except Exception as error:
@@ -463,7 +473,7 @@ class SteadyDBConnection:
         """
         if not ping & self._ping:
             return None
-        if self._generation != fork.generation:
+        if self._generation != fork.generation or not _armed[0]:
             self._check_process()
         alive: Any
         if self._pinger is None:
@@ -574,7 +584,7 @@ class SteadyDBConnection:
 
     def commit(self) -> None:
         """Commit; if the commit fails, reconnect for the next use and raise the error."""
-        if self._generation != fork.generation:
+        if self._generation != fork.generation or not _armed[0]:
             self._check_process()
         self._transaction = False
         try:
@@ -603,7 +613,7 @@ class SteadyDBConnection:
 
     def _cursor(self, *args: Any, **kwargs: Any) -> Any:
         """Make a driver cursor, reconnecting once if the connection turned out dead."""
-        if self._generation != fork.generation:
+        if self._generation != fork.generation or not _armed[0]:
             self._check_process()
         transaction = self._transaction
         if not transaction and self._ping & 2:
@@ -646,7 +656,7 @@ class SteadyDBConnection:
         if args or kwargs:
             return SteadyDBCursor(self, *args, **kwargs)
         cls = self._cursor_class
-        if not self._plain or self._generation != fork.generation:
+        if not self._plain or self._generation != fork.generation or not _armed[0]:
             return cls(self)
         # No ping or usage limit applies: SteadyDBCursor.__init__'s fast path without the
         # __init__ call (hot path; pooled proxies inline this too). The first cursor of a
@@ -706,7 +716,7 @@ class SteadyDBCursor:
             raise TypeError(f"{con!r} is not a SteadyDBConnection")
         self._con = con
         self._args, self._kwargs = args, kwargs
-        if con._plain and con._generation == fork.generation:
+        if con._plain and con._generation == fork.generation and _armed[0]:
             try:  # the fast path of con._cursor()
                 cursor = con._con.cursor(*args, **kwargs)
             except con._failures as error:
@@ -802,7 +812,7 @@ class SteadyDBCursor:
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         """Execute a statement; retried once on a fresh connection outside a transaction."""
         con = self._con
-        if con._plain and con._generation == fork.generation and not self._sized:
+        if con._plain and con._generation == fork.generation and _armed[0] and not self._sized:
             # Fast path of _call for the common case; failures take the full path.
             try:
                 result = self._cursor.execute(*args, **kwargs)
@@ -837,7 +847,7 @@ class SteadyDBCursor:
     def _call(self, name: str, args: Any, kwargs: Any, execute: bool) -> Any:
         con = self._con
         transaction = con._transaction
-        if con._generation != fork.generation:
+        if con._generation != fork.generation or not _armed[0]:
             con._check_process()
         if not transaction and con._ping & 4:
             con._ping_check(4)

@@ -24,7 +24,7 @@ from fork_scenarios import use_pool as use_pool
 from forking import fork_child
 
 import forksafe
-from forksafe import PooledDB, drivers
+from forksafe import ForkedConnectionError, PersistentDB, PooledDB, drivers
 
 HERE = Path(__file__).parent
 
@@ -141,6 +141,54 @@ def test_pid_check_protects_a_fork_that_skips_python_hooks(target: Target) -> No
     got = fork_child(lambda: use_pool(pool, target.name), exit_with="os._exit", raw=True)
     assert not set(got) & set(parent)
     assert use_pool(pool, target.name) == parent
+
+
+def test_connections_from_before_a_fork_that_skips_python_hooks_refuse_to_work(
+    target: Target,
+) -> None:
+    """No hook runs in such a child (uWSGI forks from C), yet the first statement,
+    cursor or commit on a connection held across the fork refuses, on the fast paths and
+    on the checked ones (ping=7), pooled and persistent alike; the parent's sessions are
+    untouched."""
+    pool = PooledDB(target.module, **target.kwargs)
+    checked = PooledDB(target.module, ping=7, **target.kwargs)
+    persistent = PersistentDB(target.module, **target.kwargs)
+    held = {"pooled": pool.connection(), "ping=7": checked.connection()}
+    held["persistent"] = persistent.connection()
+
+    def session(con: Any) -> int:
+        cursor = con.cursor()
+        cursor.execute(target.session_sql, ("parent",))
+        return int(cursor.fetchone()[0])
+
+    sessions = {name: session(con) for name, con in held.items()}
+    cursor = held["pooled"].cursor()
+    uses: dict[str, Callable[[], object]] = {
+        "execute() on a cursor from before": lambda: cursor.execute(target.session_sql, (1,)),
+        "cursor()": held["pooled"].cursor,
+        "commit()": held["pooled"].commit,
+        "cursor() with ping=7": held["ping=7"].cursor,
+        "cursor() of a persistent connection": held["persistent"].cursor,
+    }
+
+    def attempt(use: Callable[[], object]) -> str:
+        try:
+            use()
+        except ForkedConnectionError:
+            return "refused"
+        return "worked"
+
+    # One child per use: each is the first thing its child does.
+    outcomes = {
+        name: fork_child(lambda use=use: attempt(use), raw=True) for name, use in uses.items()
+    }
+    assert outcomes == dict.fromkeys(uses, "refused")
+    assert {name: session(con) for name, con in held.items()} == sessions
+    for con in held.values():
+        con.close()
+    persistent.connection()._close()
+    pool.close()
+    checked.close()
 
 
 def test_after_fork_is_idempotent_in_a_fork_that_skips_python_hooks(target: Target) -> None:
