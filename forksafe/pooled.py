@@ -657,11 +657,10 @@ class PooledDB(fork.ProcessBound):
         if (not _page[0] or con._pid != fork.cached_pid) and con._pid != fork.getpid():
             con._discard()  # checked out before a fork: not ours to reuse or close
             return
-        if con._reconnects:
-            self._stats["reconnects"] += con._reconnects
-            con._reconnects = 0
         if self._reset or con._transaction:
             con._reset(self._reset)
+        if con._reconnects:  # since checkout, the reset's included
+            self._count_reconnects(con)
         if self._maxshared:
             self._cache_in_shared_pool(con)
             return
@@ -684,6 +683,10 @@ class PooledDB(fork.ProcessBound):
             slots.put(True)  # after the connection went idle, so a waiter finds it
         if extra is not None:
             self._close_con(extra)
+
+    def _count_reconnects(self, con: SteadyDBConnection) -> None:
+        self._stats["reconnects"] += con._reconnects
+        con._reconnects = 0
 
     def _cache_in_shared_pool(self, con: SteadyDBConnection) -> None:
         """The rest of cache() in a pool that shares: the lock bounds the slots."""
@@ -922,6 +925,8 @@ class PooledDedicatedDBConnection(_PooledProxy):
                         con._con.rollback()
                     except Exception as error:
                         con._rollback_failed(error)
+            if con._reconnects:  # a failed rollback reconnected
+                pool._count_reconnects(con)
             if not con._closed:
                 pool._idle.append(con)
             next(pool._given_back)

@@ -208,6 +208,24 @@ def test_stats_count_transparent_reconnects() -> None:
     assert pool.stats()["reconnects"] == 1
 
 
+@pytest.mark.parametrize("begun", [False, True], ids=["reset", "after begin()"])
+@pytest.mark.parametrize("options", [{}, {"maxcached": 5}], ids=["plain pool", "maxcached"])
+def test_stats_count_a_reconnect_made_by_the_rollback_on_return_at_once(
+    options: dict[str, Any], begun: bool
+) -> None:
+    pool = PooledDB(fakedb, ping=0, **options)
+    db = pool.connection()
+    if begun:
+        db.begin()
+    number_of(db)
+    fakedb.fail_next(1, "rollback")
+    db.close()
+    assert fakedb.counts.connects == 2  # the failed rollback reconnected
+    assert pool.stats()["reconnects"] == 1
+    pool.close()
+    assert pool.stats()["reconnects"] == 1
+
+
 @pytest.mark.parametrize(
     ("error", "replaced"), [(fakedb.OperationalError, True), (fakedb.ProgrammingError, False)]
 )
