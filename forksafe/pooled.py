@@ -31,7 +31,9 @@ Beyond DBUtils (keyword-only, all off by default):
     middle of a transaction. Each connection's limit is shortened by up to 10% at random
     so a fleet of workers does not reconnect all at once.
 ``maxidle``
-    seconds a connection may sit idle; set it below the server's ``wait_timeout``.
+    seconds a connection may sit idle; set it below the server's ``wait_timeout``. A
+    connection borrowed from a pool of the same arguments that has no ``maxidle`` was not
+    timed there: it counts as idle since the borrowing, and ``ping`` vouches for it.
 ``leaktime``
     seconds after which a checked-out connection counts as leaked: a warning is logged on
     ``forksafe`` with the stack of the checkout. A connection dropped without ``close()``
@@ -173,9 +175,13 @@ class _Family:
         for sibling in list(self.pools):
             if sibling is not pool and sibling._pid == pool._pid:
                 try:
-                    return sibling._idle.popleft()  # atomic: no lock needed
+                    con = sibling._idle.popleft()  # atomic: no lock needed
                 except IndexError:
                     continue
+                if sibling._maxidle is None:
+                    # Its returns do not time idleness: _idle_since is stale.
+                    con._idle_since = time.monotonic()
+                return con
         return None
 
 

@@ -147,6 +147,22 @@ def test_maxidle_replaces_a_connection_idle_too_long() -> None:
     assert number_of(pool.connection()) != number
 
 
+def test_maxidle_keeps_a_connection_borrowed_from_a_pool_that_does_not_time_idleness() -> None:
+    """Pools of one target lend each other idle connections; one returned just now to a
+    pool without maxidle is not idle, however long it was in use before."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", forksafe.ManyPoolsWarning)
+        lender = PooledDB(fakedb)
+        borrower = PooledDB(fakedb, maxidle=0.2)
+    db = lender.connection()
+    number = number_of(db)
+    time.sleep(0.3)  # in use longer than the borrower's maxidle
+    db.close()
+    assert number_of(borrower.connection()) == number
+    assert borrower.stats()["connections_recycled"] == 0
+    assert fakedb.counts.connects == 1
+
+
 # -- leaks ---------------------------------------------------------------------------
 
 
