@@ -854,7 +854,7 @@ class SteadyDBCursor:
         try:
             if con._maxusage and con._usage >= con._maxusage and not transaction:
                 raise _Overused
-            sized = execute and (self._inputsizes or self._outputsizes)
+            sized = execute and self._sized
             if sized:
                 self._setsizes(self._cursor)
             result = getattr(self._cursor, name)(*args, **kwargs)

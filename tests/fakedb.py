@@ -240,6 +240,7 @@ class Cursor:
         self.description: tuple[tuple[Any, ...], ...] | None = None
         self.rowcount = -1
         self._rows: list[tuple[Any, ...]] = []
+        self.sizes: list[tuple[Any, ...]] = []  # setinputsizes/setoutputsize calls
 
     def execute(self, operation: str, parameters: Sequence[Any] | None = None) -> None:
         if self.closed:
@@ -273,10 +274,10 @@ class Cursor:
         return rows
 
     def setinputsizes(self, sizes: Any) -> None:
-        pass
+        self.sizes.append(("input", sizes))
 
     def setoutputsize(self, size: int, column: int | None = None) -> None:
-        pass
+        self.sizes.append(("output", size, column))
 
     def close(self) -> None:
         self.closed = True

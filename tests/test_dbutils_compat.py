@@ -504,6 +504,28 @@ def test_execute_executemany_and_callproc_each_count_as_one_use(steady_db: Modul
     assert raw(1).statements == ["select 1", *["insert into t values (?)"] * 3, "call refresh"]
 
 
+def test_sizes_set_on_a_cursor_apply_to_its_next_execute_and_to_a_failover_cursor(
+    steady_db: ModuleType,
+) -> None:
+    cursor = steady_db.connect(fakedb, ping=0).cursor()
+    cursor.setinputsizes([10])
+    cursor.setoutputsize(5, 0)
+    cursor.execute("select 1")
+    cursor.execute("select 2")
+    assert raw(1).cursors[0].sizes == [("input", [10]), ("output", 5, 0)]  # once only
+
+    cursor.setinputsizes([20])
+    fakedb.fail_next(1, "execute")
+    cursor.execute("select 3")  # retried on a new driver cursor, which gets the sizes
+    assert len(raw(1).cursors) == 2
+    assert raw(1).cursors[1].sizes == [("input", [20])]
+
+    cursor.setinputsizes(None)
+    cursor.execute("select 4")
+    assert raw(1).cursors[1].sizes == [("input", [20])]  # no sizes: nothing set
+    assert fakedb.counts.statements[-1] == "select 4"
+
+
 def test_a_steady_cursor_can_be_iterated_and_exposes_the_driver_attributes(
     steady_db: ModuleType,
 ) -> None:
