@@ -915,7 +915,8 @@ class PooledDedicatedDBConnection(_PooledProxy):
             if con._closed:
                 pass
             elif con._transaction:
-                con._rollback()
+                if con._rollback() is not None and con._reconnects:  # it failed, reconnected
+                    pool._count_reconnects(con)
             elif pool._reset:
                 # con._reset(True), inlined likewise: roll back unless the driver
                 # reports no transaction open.
@@ -931,8 +932,8 @@ class PooledDedicatedDBConnection(_PooledProxy):
                         con._con.rollback()
                     except Exception as error:
                         con._rollback_failed(error)
-            if con._reconnects:  # a failed rollback reconnected
-                pool._count_reconnects(con)
+                        if con._reconnects:
+                            pool._count_reconnects(con)
             if not con._closed:
                 pool._idle.append(con)
             next(pool._given_back)
