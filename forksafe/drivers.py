@@ -25,6 +25,7 @@ with one system call each, without touching a connection object.
 
 from __future__ import annotations
 
+import ctypes
 import operator
 import os
 import select
@@ -47,6 +48,17 @@ __all__ = [
 
 # Connections that could not be detached: referenced forever so no finaliser runs.
 _kept_alive: list[Any] = []
+
+
+def _keep_forever(con: Any) -> None:
+    """Keep ``con`` from ever being finalised, interpreter shutdown included: that clears
+    module globals, and with them this list, so each also gets a reference of its own
+    that nothing gives back (``sys.exit()`` in a child would otherwise close an inherited
+    SQLite connection, rolling back the parent's transaction on disk)."""
+    _kept_alive.append(con)
+    with suppress(Exception):
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(con))
+
 
 # id(driver connection) -> (fd, inode) of the socket of every open connection this
 # process made (or inherited through a fork that skipped the Python hooks).
@@ -140,7 +152,7 @@ def discard(*cons: Any) -> None:
             # on close; an unknown driver may say goodbye; a descriptor number now
             # used by something else must not be touched. Never close those here.
             if not _is_closed(con):
-                _kept_alive.append(con)
+                _keep_forever(con)
             continue
         # The descriptor now points at /dev/null: the driver's goodbye goes nowhere.
         with suppress(Exception):

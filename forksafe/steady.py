@@ -600,7 +600,10 @@ class SteadyDBConnection:
             raise error
 
     def cancel(self) -> None:
-        """Cancel a long-running statement, where the driver supports it."""
+        """Cancel a long-running statement, where the driver supports it. Refused in a
+        process that did not open the connection: a driver's cancel (libpq's) reaches
+        the session through a socket of its own, which discarding cannot blind."""
+        self._check_process()
         self._transaction = False
         cancel = getattr(self._con, "cancel", None)
         if cancel is not None:

@@ -167,6 +167,7 @@ def test_connections_from_before_a_fork_that_skips_python_hooks_refuse_to_work(
         "execute() on a cursor from before": lambda: cursor.execute(target.session_sql, (1,)),
         "cursor()": held["pooled"].cursor,
         "commit()": held["pooled"].commit,
+        "cancel()": held["pooled"].cancel,
         "cursor() with ping=7": held["ping=7"].cursor,
         "cursor() of a persistent connection": held["persistent"].cursor,
     }
@@ -189,6 +190,73 @@ def test_connections_from_before_a_fork_that_skips_python_hooks_refuse_to_work(
     persistent.connection()._close()
     pool.close()
     checked.close()
+
+
+def test_cancel_is_refused_in_a_child(target: Target) -> None:
+    """libpq's cancel reaches the session through a socket of its own, which blinding
+    the inherited one cannot stop."""
+    pool = PooledDB(target.module, **target.kwargs)
+    held = pool.connection()
+
+    def child() -> str:
+        try:
+            held.cancel()
+        except ForkedConnectionError:
+            return "refused"
+        return "worked"
+
+    assert fork_child(child) == "refused"
+    held.close()
+    pool.close()
+
+
+_SQLITE_CHILD_EXITS = """
+import sqlite3, sys
+sys.path[:0] = [{tests!r}]
+from forking import fork_child
+from forksafe import PooledDB
+
+path, raw = {path!r}, {raw!r}
+pool = PooledDB(sqlite3, database=path, check_same_thread=False)
+db = pool.connection()
+cursor = db.cursor()
+cursor.execute("PRAGMA cache_size=2")  # spill the transaction's pages to the file
+for _ in range(300):
+    cursor.execute("INSERT INTO t VALUES (?)", ("y" * 2000,))
+
+def child():
+    db.close()  # given back in the child: discarded, never closed
+    return True
+
+assert fork_child(child, exit_with="sys.exit", raw=raw)
+db.commit()
+db.close()
+pool.close()
+"""
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["os.fork", "no Python hooks"])
+def test_a_child_exiting_with_sys_exit_leaves_the_parents_sqlite_transaction_alone(
+    tmp_path: Path, raw: bool
+) -> None:
+    """The child's interpreter shutdown clears module globals; the inherited SQLite
+    connection must still never be closed there, or its rollback would undo the
+    parent's open write transaction on disk. (In a fresh interpreter: sys.exit() in a
+    child forked from the test process would unwind the test runner.)"""
+    import sqlite3
+
+    path = tmp_path / "parent.db"
+    setup = sqlite3.connect(path)
+    setup.execute("CREATE TABLE t (x TEXT)")
+    setup.commit()
+    setup.close()
+    code = _SQLITE_CHILD_EXITS.format(tests=str(HERE), path=str(path), raw=raw)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert check.execute("SELECT count(*) FROM t").fetchone() == (300,)
+    check.close()
 
 
 def test_after_fork_is_idempotent_in_a_fork_that_skips_python_hooks(target: Target) -> None:
