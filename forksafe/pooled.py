@@ -243,6 +243,8 @@ class PooledDB(fork.ProcessBound):
     Opens no connection.
     """
 
+    _pid = 0  # no process's until its state is built (siblings read it to borrow)
+
     def __init__(
         self,
         creator: Any,
@@ -316,12 +318,13 @@ class PooledDB(fork.ProcessBound):
     # -- per-process state ----------------------------------------------------------
 
     def _reset_process_state(self) -> None:
-        """Fresh lock, counters and caches for the current process; opens nothing."""
-        self._pid = fork.getpid()
+        """Fresh lock, counters and caches for the current process; opens nothing. The
+        pid comes last: until then, other threads' pid checks wait for this reset."""
         # The mutex guards the bookkeeping of pools that share (pools that do not share
         # check out and return without it) and the rare paths (stats, close, waits); the
-        # condition on it lets shared checkouts wait.
-        self._mutex = threading.Lock()
+        # condition on it lets shared checkouts wait. Reentrant: a proxy dropped without
+        # close() may be collected, and return itself, while its thread holds the lock.
+        self._mutex = threading.RLock()
         self._lock = threading.Condition(self._mutex)
         self._waiting = 0  # threads waiting on the condition
         # With sharing, the checked-out dedicated connections + shared entries, counted
@@ -357,6 +360,7 @@ class PooledDB(fork.ProcessBound):
             ),
             0,
         )
+        self._pid = fork.getpid()
 
     def _warn_if_many_pools(self) -> None:
         family = self._family
@@ -424,9 +428,10 @@ class PooledDB(fork.ProcessBound):
         con._ping_check()
         return con
 
-    def _wait(self, deadline: float | None) -> None:
-        """Wait (lock held) for a connection to be returned, or raise."""
-        if not self._blocking:
+    def _wait(self, deadline: float | None, opening: bool = False) -> None:
+        """Wait (lock held) for a connection to be returned, or raise. ``opening``: for
+        one that another thread is opening, which even a non-blocking pool waits for."""
+        if not self._blocking and not opening:
             raise self._too_many()
         self._waiting += 1
         try:
@@ -600,6 +605,7 @@ class PooledDB(fork.ProcessBound):
         con: SteadyDBConnection | None = None
         with lock:
             while True:
+                shared = None  # what an earlier pass found may be gone or busy by now
                 while (
                     not self._shared_cache
                     and self._maxconnections
@@ -613,7 +619,8 @@ class PooledDB(fork.ProcessBound):
                     con = self._idle.popleft() if self._idle else None
                     break
                 if not self._shared_cache:
-                    self._wait(deadline)
+                    # Full only of connections being opened: wait for one to share.
+                    self._wait(deadline, opening=self._shared_pending > 0)
                     continue
                 self._shared_cache.sort()  # least shared first
                 shared = self._shared_cache[0]
@@ -724,7 +731,7 @@ class PooledDB(fork.ProcessBound):
             self._leases[id(proxy)] = lease
             overdue = [
                 old
-                for old in self._leases.values()
+                for old in list(self._leases.values())  # a collected proxy may pop one
                 if not old.warned and now - old.since > self._leaktime
             ]
             for old in overdue:
@@ -777,19 +784,28 @@ class PooledDB(fork.ProcessBound):
         self._checkpid()
         with self._mutex:
             stats = dict(self._stats)
-            checkouts = _counted(self._taken)
+            # The counters move without the lock: read the returns between two equal
+            # readings of the checkouts, so both are of one moment.
+            checkouts, given_back = -1, 0
+            for _ in range(100):
+                before = _counted(self._taken)
+                given_back = _counted(self._given_back)
+                checkouts = _counted(self._taken)
+                if before == checkouts:
+                    break
             stats["checkouts"] = checkouts
             if self._maxshared:
                 stats["in_use"] = self._connections
             else:
-                stats["in_use"] = checkouts - _counted(self._given_back)
+                stats["in_use"] = max(0, checkouts - given_back)
             stats["idle"] = len(self._idle)
             stats["shared"] = len(self._shared_cache)
             stats["maxconnections"] = self._maxconnections
         return stats
 
     def close(self) -> None:
-        """Close the idle and shared connections; checked-out ones close when returned.
+        """Close the idle and shared connections. A dedicated connection checked out now
+        goes back idle when returned, and a later close() (or ``del pool``) closes it.
 
         The pool stays usable (as in DBUtils): a later checkout opens new connections.
         In a forked child it closes nothing of the parent's; it only forgets them.

@@ -750,3 +750,118 @@ def test_an_interpreter_without_the_gil_is_warned_about(monkeypatch: pytest.Monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pooled._check_gil()
+
+
+# -- sharing and concurrency ---------------------------------------------------------
+
+
+def test_a_shared_checkout_that_waited_on_a_transaction_opens_its_own_connection() -> None:
+    """B waits while the only shared connection is in A's transaction and no slot is
+    free; a freed slot must give B a new connection, not A's."""
+    pool = PooledDB(fakedb, maxshared=2, maxconnections=2, blocking=True, maxwait=5)
+    a = pool.connection()
+    a.begin()
+    number_of(a)
+    dedicated = pool.dedicated_connection()  # the last slot
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.connection()))
+    waiter.start()
+    assert poll(lambda: pool._waiting == 1)
+    dedicated.close()
+    waiter.join(timeout=10)
+    b = got[0]
+    assert number_of(b) != number_of(a)
+    b.close()
+    assert a._con._transaction, "B's return ended A's transaction"
+    a.close()
+    assert pool.stats()["in_use"] == 0
+    both = [pool.dedicated_connection(), pool.dedicated_connection()]  # no slot was lost
+    for con in both:
+        con.close()
+    pool.close()
+
+
+def test_a_non_blocking_sharing_pool_lets_more_threads_than_maxshared_in_at_once() -> None:
+    """Without maxconnections there is no limit to reach: threads that find the shared
+    slots all taken by connections still being opened wait for one to share."""
+
+    def slow_connect() -> Any:
+        time.sleep(0.05)  # all eight arrive while the first connections are being opened
+        return fakedb.connect()
+
+    slow_connect.threadsafety = 2  # type: ignore[attr-defined]
+    pool = PooledDB(slow_connect, maxshared=2)
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def first_checkout() -> None:
+        start.wait()
+        try:
+            with pool.connection() as db:
+                number_of(db)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=first_checkout) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert errors == []
+    assert fakedb.counts.connects <= 2
+    pool.close()
+
+
+def test_stats_in_use_stays_between_zero_and_maxconnections_under_churn() -> None:
+    pool = PooledDB(fakedb, maxconnections=4, blocking=True)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            pool.connection().close()
+
+    threads = [threading.Thread(target=churn) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    seen = set()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            seen.add(pool.stats()["in_use"])
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert min(seen) >= 0 and max(seen) <= 4, sorted(seen)
+    pool.close()
+
+
+@pytest.mark.parametrize("options", [{"leaktime": 60}, {"maxshared": 2}], ids=str)
+def test_a_dropped_proxy_collected_while_its_thread_holds_the_pool_lock_returns(
+    options: dict[str, Any],
+) -> None:
+    """The collector runs at any allocation, also inside the pool's own critical
+    sections; a proxy it frees there returns its connection instead of waiting for the
+    lock its own thread holds."""
+    pool = PooledDB(fakedb, **options)
+    proxy = pool.connection()
+    cycle: list[Any] = [proxy]
+    cycle.append(cycle)  # only the collector can free it
+    del proxy
+    gc.disable()
+    try:
+        del cycle
+        done = threading.Event()
+
+        def collect_holding_the_lock() -> None:
+            with pool._mutex:
+                gc.collect()
+            done.set()
+
+        worker = threading.Thread(target=collect_holding_the_lock, daemon=True)
+        worker.start()
+        assert done.wait(10), "the collected proxy waited for the lock its thread holds"
+    finally:
+        gc.enable()
+    assert pool.stats()["in_use"] == 0
+    pool.close()
