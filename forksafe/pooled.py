@@ -443,12 +443,7 @@ class PooledDB(fork.ProcessBound):
         finally:
             self._waiting -= 1
         if not woken and deadline - time.monotonic() <= 0:
-            self._mutex.release()  # _timed_out() takes it to count
-            try:
-                error = self._timed_out()
-            finally:
-                self._mutex.acquire()
-            raise error
+            raise self._timed_out()  # it takes the (reentrant) lock again to count
 
     def _wake(self) -> None:
         """Wake waiters (lock held) after a slot or a connection was freed.
