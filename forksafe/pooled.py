@@ -345,6 +345,7 @@ class PooledDB(fork.ProcessBound):
         self._shared_cache: list[SharedDBConnection] = []
         self._shared_pending = 0
         self._warm = not self._mincached
+        self._warming = 0  # connections warm() reserved and is opening
         self._leases: dict[int, _Lease] = {}
         self._stats = dict.fromkeys(
             (
@@ -406,11 +407,27 @@ class PooledDB(fork.ProcessBound):
         return con
 
     def warm(self) -> None:
-        """Open connections until ``mincached`` are idle. Normally done at first checkout."""
+        """Open connections until ``mincached`` are idle. Normally done at first checkout.
+
+        Threads warming at once open ``mincached`` connections in all, not each: each
+        reserves (under the lock) what the idle ones and the others' openings lack.
+        """
         self._checkpid()
         self._warm = True
-        for _ in range(self._mincached - self._family.idle()):
-            self._idle.append(self._open())
+        with self._mutex:
+            left = max(0, self._mincached - self._family.idle() - self._warming)
+            self._warming += left
+        try:
+            while left:
+                con = self._open()  # I/O: outside the lock
+                with self._mutex:
+                    self._idle.append(con)
+                    self._warming -= 1
+                left -= 1
+        finally:
+            if left:  # an open failed: give back what was reserved and not opened
+                with self._mutex:
+                    self._warming -= left
 
     def _expired(self, con: SteadyDBConnection, now: float) -> bool:
         if self._maxage is not None and now - con._created_at > self._maxage * con._jitter:

@@ -69,6 +69,37 @@ def test_warm_opens_mincached_connections_on_request() -> None:
     assert fakedb.counts.connects == 2
 
 
+def test_threads_warming_at_once_open_mincached_connections_in_all() -> None:
+    def slow_connect() -> Any:
+        time.sleep(0.05)  # every thread is inside warm() before the first open ends
+        return fakedb.connect()
+
+    pool = PooledDB(slow_connect, mincached=2, maxcached=2)
+    start = threading.Barrier(4)
+
+    def warm() -> None:
+        start.wait()
+        pool.warm()
+
+    threads = [threading.Thread(target=warm) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert fakedb.counts.connects == 2
+    assert pool.stats()["idle"] == 2
+
+
+def test_a_failed_warm_up_reserves_nothing() -> None:
+    pool = PooledDB(fakedb, mincached=2)
+    fakedb.fail_next(operation="connect")
+    with pytest.raises(fakedb.OperationalError):
+        pool.warm()
+    pool.warm()
+    assert fakedb.counts.connects == 2
+    assert pool.stats()["idle"] == 2
+
+
 def test_deleting_a_pool_closes_its_idle_connections_at_once() -> None:
     pool = PooledDB(fakedb, mincached=2)
     pool.warm()
