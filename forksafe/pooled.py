@@ -670,12 +670,13 @@ class PooledDB(fork.ProcessBound):
         """Release one share of a shared connection; the last one returns it to the pool."""
         with self._mutex:
             con.unshare()
-            shared = con.shared
-            if not shared:
-                with suppress(ValueError):
-                    self._shared_cache.remove(con)
-        if not shared:
-            self.cache(con.con)
+            if con.shared:
+                return
+            try:
+                self._shared_cache.remove(con)
+            except ValueError:
+                return  # close() closed it and gave its slot back already
+        self.cache(con.con)
 
     def cache(self, con: SteadyDBConnection) -> None:
         """Return a connection: roll back as ``reset`` says, then keep or close it."""

@@ -812,6 +812,20 @@ def test_a_shared_checkout_that_waited_on_a_transaction_opens_its_own_connection
     pool.close()
 
 
+def test_shares_given_back_after_the_pool_closed_them_free_no_slot_twice() -> None:
+    pool = PooledDB(fakedb, maxshared=2, maxconnections=2)
+    held = [pool.connection() for _ in range(2)]
+    pool.close()  # closes both shared connections and frees their slots
+    for con in held:
+        con.close()
+    assert pool.stats()["in_use"] == 0
+    both = [pool.dedicated_connection(), pool.dedicated_connection()]
+    with pytest.raises(forksafe.TooManyConnectionsError):
+        pool.dedicated_connection()  # a third would exceed maxconnections=2
+    for con in both:
+        con.close()
+
+
 def test_a_non_blocking_sharing_pool_lets_more_threads_than_maxshared_in_at_once() -> None:
     """Without maxconnections there is no limit to reach: threads that find the shared
     slots all taken by connections still being opened wait for one to share."""
