@@ -475,6 +475,12 @@ class PooledDB(fork.ProcessBound):
         else:
             self._lock.notify()
 
+    def _transaction_ended(self) -> None:
+        """A shared connection's transaction ended: it may be shared again."""
+        if self._waiting:
+            with self._mutex:
+                self._wake()
+
     def _deadline(self) -> float | None:
         return None if self._maxwait is None else time.monotonic() + self._maxwait
 
@@ -1025,6 +1031,20 @@ class PooledSharedDBConnection(_PooledProxy):
         self._pool = pool
         self._shared_con: SharedDBConnection | None = shared_con
         self._con = con
+
+    def commit(self) -> None:
+        """Commit; threads waiting for a shared connection outside a transaction re-check."""
+        try:
+            self._live().commit()
+        finally:
+            self._pool._transaction_ended()
+
+    def rollback(self) -> None:
+        """Roll back; threads waiting for a shared connection outside a transaction re-check."""
+        try:
+            self._live().rollback()
+        finally:
+            self._pool._transaction_ended()
 
     def close(self) -> None:
         """Give the share back; the last share returns the connection to the pool."""

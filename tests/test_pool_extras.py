@@ -812,6 +812,24 @@ def test_a_shared_checkout_that_waited_on_a_transaction_opens_its_own_connection
     pool.close()
 
 
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_ending_a_shared_transaction_lets_a_waiter_share_the_connection(end: str) -> None:
+    pool = PooledDB(fakedb, maxshared=1, maxconnections=1, blocking=True, maxwait=30)
+    holder = pool.connection()
+    holder.begin()
+    number = number_of(holder)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.connection()))
+    waiter.start()
+    assert poll(lambda: pool._waiting == 1)
+    getattr(holder, end)()  # the holder keeps its share
+    assert poll(lambda: bool(got)), "the waiter still waits for a share"
+    assert number_of(got[0]) == number
+    waiter.join(timeout=10)
+    got[0].close()
+    holder.close()
+
+
 def test_shares_given_back_after_the_pool_closed_them_free_no_slot_twice() -> None:
     pool = PooledDB(fakedb, maxshared=2, maxconnections=2)
     held = [pool.connection() for _ in range(2)]
