@@ -50,6 +50,7 @@ __all__ = [
     "generation",
     "getpid",
     "note_process",
+    "process_lock",
     "register",
     "reset_lock",
 ]
@@ -117,15 +118,19 @@ def getpid() -> int:
 
 
 def note_process(pid: int | None = None) -> bool:
-    """Record that this may be a new process; True if it is (and bump :data:`generation`).
-    ``pid``: ``os.getpid()``, if the caller has it."""
-    global generation, _pid
+    """Record that this may be a new process; True if it is (and bump :data:`generation`
+    and renew the lock of :func:`process_lock`). ``pid``: ``os.getpid()``, if the caller
+    has it."""
+    global generation, _pid, _registry_lock
     if pid is None:
         pid = os.getpid()
     if pid == _pid:
         return False
     _pid = pid
     generation += 1
+    # A fork that ran no Python hook copied the lock as it was: perhaps taken by a
+    # thread that does not exist here, and would never release it.
+    _registry_lock = threading.Lock()
     return True
 
 
@@ -169,16 +174,30 @@ class ProcessBound:
 
 
 _registry: weakref.WeakSet[ForkAware] = weakref.WeakSet()
-_registry_lock = threading.Lock()
+_registry_lock = threading.Lock()  # see process_lock()
 # Objects whose lock the prepare hook took, released in the parent after fork.
 _prepared: list[ForkAware] = []
 # In a child, the parent's list: kept referenced, not released (see _after_in_child).
 _inherited: list[ForkAware] = []
 
 
+@contextmanager
+def process_lock() -> Iterator[None]:
+    """Hold the lock of this process's registries (fork-aware objects, families of pools).
+
+    Fresh in every new process: the fork hook holds it across the fork, and the first
+    :func:`getpid` in a child of a fork that ran no hook replaces the copy, which a thread
+    of the parent may have held at that moment (where pages can be wiped; elsewhere
+    :func:`after_fork` and the pools' pid checks replace it).
+    """
+    getpid()
+    with _registry_lock:
+        yield
+
+
 def register(obj: ForkAware) -> None:
     """Add ``obj`` to the registry; it is dropped automatically when garbage collected."""
-    with _registry_lock:
+    with process_lock():
         _registry.add(obj)
 
 
@@ -232,10 +251,9 @@ def _after_in_child() -> None:
     # The child holds copies of the locks the prepare hook took. The objects' own locks
     # are replaced by their reset at first use; releasing them here, or even dropping
     # the references to them, would write to every pool's memory page.
-    global _registry_lock, _reset_lock, _prepared, _inherited
-    note_process()
+    global _reset_lock, _prepared, _inherited
+    note_process()  # which renews the lock the prepare hook took
     _inherited, _prepared = _prepared, []
-    _registry_lock = threading.Lock()
     _reset_lock = threading.Lock()
     drivers.blind_inherited()
 

@@ -186,13 +186,12 @@ class _Family:
 
 
 _families: weakref.WeakValueDictionary[Any, _Family] = weakref.WeakValueDictionary()
-_families_lock = threading.Lock()
 
 
 def _family_for(key: Any) -> _Family:
     if key is None:
         return _Family()  # unhashable connect arguments: a family of one
-    with _families_lock:
+    with fork.process_lock():
         family = _families.get(key)
         if family is None:
             family = _families[key] = _Family()

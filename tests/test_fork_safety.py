@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -257,6 +258,22 @@ def test_a_child_exiting_with_sys_exit_leaves_the_parents_sqlite_transaction_alo
     assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert check.execute("SELECT count(*) FROM t").fetchone() == (300,)
     check.close()
+
+
+def test_a_fork_that_skips_python_hooks_while_a_pool_is_being_built_does_not_hang() -> None:
+    """Building a pool holds the registry lock for a moment; a C-level fork at that
+    moment (the builder preempted) copies it taken, by a thread the child does not have.
+    Here this thread holds it across the fork: the child never resumes it either."""
+
+    def child() -> int:
+        pool = PooledDB(sqlite3, database=":memory:")
+        with pool.connection() as db:
+            cursor = db.cursor()
+            cursor.execute("SELECT 7")
+            return int(cursor.fetchone()[0])
+
+    with forksafe.fork.process_lock():
+        assert fork_child(child, raw=True, timeout=10) == 7
 
 
 def test_after_fork_is_idempotent_in_a_fork_that_skips_python_hooks(target: Target) -> None:
