@@ -29,7 +29,8 @@ Beyond DBUtils (keyword-only, all off by default):
 ``maxage``
     seconds a connection may live; older ones are replaced at checkout, never in the
     middle of a transaction. Each connection's limit is shortened by up to 10% at random
-    so a fleet of workers does not reconnect all at once.
+    so a fleet of workers does not reconnect all at once. A shared connection past its
+    age is shared no more: it is replaced when its last share is given back.
 ``maxidle``
     seconds a connection may sit idle; set it below the server's ``wait_timeout``. A
     connection borrowed from a pool of the same arguments that has no ``maxidle`` was not
@@ -428,8 +429,11 @@ class PooledDB(fork.ProcessBound):
                 with self._mutex:
                     self._warming -= left
 
+    def _too_old(self, con: SteadyDBConnection, now: float) -> bool:
+        return self._maxage is not None and now - con._created_at > self._maxage * con._jitter
+
     def _expired(self, con: SteadyDBConnection, now: float) -> bool:
-        if self._maxage is not None and now - con._created_at > self._maxage * con._jitter:
+        if self._too_old(con, now):
             return True
         return self._maxidle is not None and now - con._idle_since > self._maxidle
 
@@ -644,6 +648,12 @@ class PooledDB(fork.ProcessBound):
                 if shared.con._transaction:
                     self._wait(deadline)  # never share a connection inside a transaction
                     continue
+                if self._maxage is not None and self._too_old(shared.con, time.monotonic()):
+                    # Always in use, it is never idle at a checkout to be replaced: share
+                    # it no more, and let its last share return it (to be recycled).
+                    self._shared_cache.remove(shared)
+                    shared.retired = True
+                    continue
                 shared.share()
                 break
             next(self._taken)
@@ -680,7 +690,8 @@ class PooledDB(fork.ProcessBound):
             try:
                 self._shared_cache.remove(con)
             except ValueError:
-                return  # close() closed it and gave its slot back already
+                if not con.retired:
+                    return  # close() closed it and gave its slot back already
         self.cache(con.con)
 
     def cache(self, con: SteadyDBConnection) -> None:
@@ -993,6 +1004,8 @@ class PooledDedicatedDBConnection(_PooledProxy):
 @total_ordering
 class SharedDBConnection:
     """A connection in the shared cache with its number of current users."""
+
+    retired = False  # past maxage: out of the shared cache until its last share returns
 
     def __init__(self, con: SteadyDBConnection) -> None:
         self.con = con

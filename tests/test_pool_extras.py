@@ -830,6 +830,25 @@ def test_ending_a_shared_transaction_lets_a_waiter_share_the_connection(end: str
     holder.close()
 
 
+def test_a_shared_connection_that_is_never_idle_is_still_replaced_after_maxage() -> None:
+    pool = PooledDB(fakedb, maxshared=1, maxconnections=2, maxage=1.0)
+    old = pool.connection()
+    first = number_of(old)
+    time.sleep(1.1)
+    new = pool.connection()  # old is still shared out: never idle at a checkout
+    assert number_of(new) != first
+    old.close()  # its last share: the connection goes back, to be recycled
+    assert pool.stats()["in_use"] == 1
+    later = pool.connection()
+    assert number_of(later) == number_of(new)
+    for con in (new, later):
+        con.close()
+    assert pool.stats()["in_use"] == 0
+    pool.connection().close()  # the expired idle connection is replaced at checkout
+    assert pool.stats()["connections_recycled"] >= 1
+    assert not any(c.number == first for c in fakedb.open_connections())
+
+
 def test_shares_given_back_after_the_pool_closed_them_free_no_slot_twice() -> None:
     pool = PooledDB(fakedb, maxshared=2, maxconnections=2)
     held = [pool.connection() for _ in range(2)]
