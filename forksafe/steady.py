@@ -742,10 +742,15 @@ class SteadyDBCursor:
                 self._con._cursor_class = cls
 
     def _live(self, name: str) -> Any:
-        """The driver cursor, or InvalidCursorError naming the attribute wanted."""
+        """The driver cursor, or InvalidCursorError naming the attribute wanted, or
+        ForkedConnectionError in a process that did not open the connection (its fetches,
+        scrolls and the like would read the other process's session)."""
         cursor = self._cursor
         if cursor is None:
             raise InvalidCursorError(f"cursor has no driver cursor; cannot get {name!r}")
+        con = self._con
+        if con._generation != fork.generation or not _armed[0]:
+            con._check_process()
         return cursor
 
     def _bind(self, cursor: Any) -> None:
@@ -760,7 +765,7 @@ class SteadyDBCursor:
         self.close()
 
     def __iter__(self) -> Iterator[Any]:
-        cursor = self._cursor
+        cursor = self._live("__iter__")
         try:
             return iter(cursor)
         except TypeError:
@@ -804,9 +809,14 @@ class SteadyDBCursor:
                 cursor.setoutputsize(size, column)
 
     def close(self) -> None:
-        """Close the cursor; never complains when called twice."""
+        """Close the cursor; never complains when called twice. In a process that did
+        not open the connection, only forgets the driver cursor (closing a server-side
+        one would talk to the other process's session)."""
         if not self._closed:
             self._closed = True
+            con = self._con
+            if (con._generation != fork.generation or not _armed[0]) and con._pid != fork.getpid():
+                return
             try:  # noqa: SIM105 - hot path
                 self._cursor.close()
             except Exception:
@@ -837,15 +847,18 @@ class SteadyDBCursor:
 
     def fetchone(self) -> Any:
         """Fetch the next row."""
+        con = self._con
+        if con._generation != fork.generation or not _armed[0]:
+            return self._live("fetchone").fetchone()
         return self._cursor.fetchone()
 
     def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
         """Fetch the next rows."""
-        return self._cursor.fetchmany(*args, **kwargs)
+        return self._live("fetchmany").fetchmany(*args, **kwargs)
 
     def fetchall(self) -> Any:
         """Fetch all remaining rows."""
-        return self._cursor.fetchall()
+        return self._live("fetchall").fetchall()
 
     def _call(self, name: str, args: Any, kwargs: Any, execute: bool) -> Any:
         con = self._con

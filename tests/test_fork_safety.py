@@ -193,6 +193,56 @@ def test_connections_from_before_a_fork_that_skips_python_hooks_refuse_to_work(
     checked.close()
 
 
+def _server_side_cursor(target: Target, con: Any) -> Any:
+    """A cursor whose rows stay on the server until fetched, over ``con``'s session."""
+    if target.name == "pymysql":
+        import pymysql.cursors
+
+        cursor = con.cursor(pymysql.cursors.SSCursor)
+        cursor.execute("SELECT seq FROM seq_1_to_1000")
+    else:
+        cursor = con.cursor("before_fork") if target.name == "psycopg2" else con.cursor(name="x")
+        cursor.execute("SELECT generate_series(1, 1000)")
+    return cursor
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["os.fork", "fork without hooks"])
+def test_a_server_side_cursor_from_before_a_fork_reads_nothing_in_the_child(
+    target: Target, raw: bool
+) -> None:
+    """Fetching, scrolling or closing a server-side cursor talks to its session: a child
+    doing it would read the parent's rows off the parent's socket (or, after the fork
+    hook, off /dev/null). Each use is refused, and close() does nothing."""
+    pool = PooledDB(target.module, **target.kwargs)
+    held = pool.connection()
+    cursor = _server_side_cursor(target, held)
+    assert cursor.fetchone()[0] == 1
+    uses: dict[str, Callable[[], object]] = {
+        "fetchone()": cursor.fetchone,
+        "fetchmany()": lambda: cursor.fetchmany(5),
+        "fetchall()": cursor.fetchall,
+        "iteration": lambda: next(iter(cursor)),
+        "scroll() (forwarded)": lambda: cursor.scroll(10),
+    }
+
+    def attempt(use: Callable[[], object]) -> str:
+        try:
+            use()
+        except ForkedConnectionError:
+            return "refused"
+        return "worked"
+
+    outcomes = {
+        name: fork_child(lambda use=use: attempt(use), raw=raw) for name, use in uses.items()
+    }
+    assert outcomes == dict.fromkeys(uses, "refused")
+    assert fork_child(lambda: attempt(cursor.close), raw=raw) == "worked"
+    assert cursor.fetchone()[0] == 2, "a child moved the parent's cursor"
+    cursor.close()
+    held.close()
+    pool.close()
+
+
 def test_cancel_is_refused_in_a_child(target: Target) -> None:
     """libpq's cancel reaches the session through a socket of its own, which blinding
     the inherited one cannot stop."""
