@@ -36,6 +36,9 @@ def fork_child(
     if pid == 0:
         me = os.getpid()
         os.close(read_end)
+        # The default action kills a hung child. pytest-timeout's handler would instead
+        # raise inside whatever hangs (a fork hook swallows that), hiding the hang.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.alarm(int(timeout))
         status = 0
         try:
@@ -79,7 +82,9 @@ def wait_for(pid: int, timeout: float) -> int:
 
 
 def _libc_fork() -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
+    # PyDLL keeps the GIL across the call: no other thread of the parent can hold it
+    # when the child starts, which would leave the child waiting for it forever.
+    libc = ctypes.PyDLL(None, use_errno=True)
     pid = int(libc.fork())
     if pid < 0:
         raise OSError(ctypes.get_errno(), "fork failed")
