@@ -118,19 +118,16 @@ def getpid() -> int:
 
 
 def note_process(pid: int | None = None) -> bool:
-    """Record that this may be a new process; True if it is (and bump :data:`generation`
-    and renew the lock of :func:`process_lock`). ``pid``: ``os.getpid()``, if the caller
-    has it."""
-    global generation, _pid, _registry_lock
+    """Record that this may be a new process; True if it is (and bump :data:`generation`).
+    ``pid``: ``os.getpid()``, if the caller has it."""
+    global generation, _pid
     if pid is None:
         pid = os.getpid()
     if pid == _pid:
         return False
-    _pid = pid
     generation += 1
-    # A fork that ran no Python hook copied the lock as it was: perhaps taken by a
-    # thread that does not exist here, and would never release it.
-    _registry_lock = threading.Lock()
+    # Last: another thread that finds the new pid here finds the new generation too.
+    _pid = pid
     return True
 
 
@@ -174,24 +171,34 @@ class ProcessBound:
 
 
 _registry: weakref.WeakSet[ForkAware] = weakref.WeakSet()
-_registry_lock = threading.Lock()  # see process_lock()
+# pid -> the lock of process_lock() in that process. A fork copies the parent's lock as
+# it is, perhaps taken by a thread the child does not have; keyed by pid, the child never
+# uses it. setdefault() makes threads racing to create a process's lock agree on one.
+_process_locks: dict[int, threading.Lock] = {}
+# The lock the prepare hook took, released in the parent after fork.
+_prepared_lock: threading.Lock | None = None
 # Objects whose lock the prepare hook took, released in the parent after fork.
 _prepared: list[ForkAware] = []
 # In a child, the parent's list: kept referenced, not released (see _after_in_child).
 _inherited: list[ForkAware] = []
 
 
+def _lock_of_this_process() -> threading.Lock:
+    pid = getpid()
+    lock = _process_locks.get(pid)
+    if lock is None:
+        lock = _process_locks.setdefault(pid, threading.Lock())
+    return lock
+
+
 @contextmanager
 def process_lock() -> Iterator[None]:
     """Hold the lock of this process's registries (fork-aware objects, families of pools).
 
-    Fresh in every new process: the fork hook holds it across the fork, and the first
-    :func:`getpid` in a child of a fork that ran no hook replaces the copy, which a thread
-    of the parent may have held at that moment (where pages can be wiped; elsewhere
-    :func:`after_fork` and the pools' pid checks replace it).
+    Each process has its own, however it was forked: the parent's may have been taken,
+    at the fork, by a thread the child does not have. The fork hook holds it across fork.
     """
-    getpid()
-    with _registry_lock:
+    with _lock_of_this_process():
         yield
 
 
@@ -229,7 +236,10 @@ def _snapshot() -> list[ForkAware]:
 
 
 def _prepare() -> None:
-    _registry_lock.acquire()
+    global _prepared_lock
+    lock = _lock_of_this_process()
+    lock.acquire()
+    _prepared_lock = lock
     # Pools never hold their lock during I/O, so each acquire below waits only for
     # another thread's bookkeeping to finish.
     for obj in _snapshot():
@@ -244,7 +254,8 @@ def _after_in_parent() -> None:
     _prepared.clear()
     for obj in objs:
         obj._fork_parent()
-    _registry_lock.release()
+    if _prepared_lock is not None:
+        _prepared_lock.release()
 
 
 def _after_in_child() -> None:
@@ -252,7 +263,7 @@ def _after_in_child() -> None:
     # are replaced by their reset at first use; releasing them here, or even dropping
     # the references to them, would write to every pool's memory page.
     global _reset_lock, _prepared, _inherited
-    note_process()  # which renews the lock the prepare hook took
+    note_process()
     _inherited, _prepared = _prepared, []
     _reset_lock = threading.Lock()
     drivers.blind_inherited()

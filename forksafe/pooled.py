@@ -188,6 +188,10 @@ class _Family:
 
 _families: weakref.WeakValueDictionary[Any, _Family] = weakref.WeakValueDictionary()
 
+# Seconds between re-checks of a thread waiting for a shared connection to leave its
+# transaction (which not every way of ending one announces).
+_RECHECK = 0.05
+
 
 def _family_for(key: Any) -> _Family:
     if key is None:
@@ -376,6 +380,10 @@ class PooledDB(fork.ProcessBound):
             warnings.warn(message, ManyPoolsWarning, stacklevel=3)
 
     def _fork_prepare(self) -> None:
+        if self._pid != fork.getpid():
+            # Inherited through a fork that ran no hook, and not used since: the mutex
+            # is the parent's copy, perhaps taken by a thread this process does not have.
+            self._checkpid()
         self._mutex.acquire()
 
     def _fork_parent(self) -> None:
@@ -448,17 +456,22 @@ class PooledDB(fork.ProcessBound):
         con._ping_check()
         return con
 
-    def _wait(self, deadline: float | None, opening: bool = False) -> None:
+    def _wait(
+        self, deadline: float | None, opening: bool = False, recheck: float | None = None
+    ) -> None:
         """Wait (lock held) for a connection to be returned, or raise. ``opening``: for
-        one that another thread is opening, which even a non-blocking pool waits for."""
+        one that another thread is opening, which even a non-blocking pool waits for.
+        ``recheck``: return after at most this many seconds, woken or not."""
         if not self._blocking and not opening:
             raise self._too_many()
         self._waiting += 1
         try:
             if deadline is None:
-                self._lock.wait()
+                self._lock.wait(recheck)
                 return
             remaining = deadline - time.monotonic()
+            if recheck is not None:
+                remaining = min(remaining, recheck)
             woken = remaining > 0 and self._lock.wait(remaining)
         finally:
             self._waiting -= 1
@@ -480,9 +493,8 @@ class PooledDB(fork.ProcessBound):
 
     def _transaction_ended(self) -> None:
         """A shared connection's transaction ended: it may be shared again."""
-        if self._waiting:
-            with self._mutex:
-                self._wake()
+        with self._mutex:  # a waiter counts itself under the lock: read it there
+            self._wake()
 
     def _deadline(self) -> float | None:
         return None if self._maxwait is None else time.monotonic() + self._maxwait
@@ -646,11 +658,20 @@ class PooledDB(fork.ProcessBound):
                 self._shared_cache.sort()  # least shared first
                 shared = self._shared_cache[0]
                 if shared.con._transaction:
-                    self._wait(deadline)  # never share a connection inside a transaction
+                    # Never share a connection inside a transaction. commit() and
+                    # rollback() wake the waiters; a failover or cancel() ending it
+                    # does not, hence the periodic re-check.
+                    self._wait(deadline, recheck=_RECHECK)
                     continue
-                if self._maxage is not None and self._too_old(shared.con, time.monotonic()):
+                if (
+                    self._maxage is not None
+                    and below_max
+                    and self._too_old(shared.con, time.monotonic())
+                ):
                     # Always in use, it is never idle at a checkout to be replaced: share
-                    # it no more, and let its last share return it (to be recycled).
+                    # it no more, and let its last share return it (to be recycled). Only
+                    # while a replacement can be opened at once: at maxconnections, the
+                    # checkout would wait for every share of it, perhaps its own thread's.
                     self._shared_cache.remove(shared)
                     shared.retired = True
                     continue
@@ -1046,17 +1067,21 @@ class PooledSharedDBConnection(_PooledProxy):
 
     def commit(self) -> None:
         """Commit; threads waiting for a shared connection outside a transaction re-check."""
+        con = self._live()
         try:
-            self._live().commit()
+            con.commit()
         finally:
-            self._pool._transaction_ended()
+            if con._pid == fork.getpid():  # in a child it raised, and the pool is not ours
+                self._pool._transaction_ended()
 
     def rollback(self) -> None:
         """Roll back; threads waiting for a shared connection outside a transaction re-check."""
+        con = self._live()
         try:
-            self._live().rollback()
+            con.rollback()
         finally:
-            self._pool._transaction_ended()
+            if con._pid == fork.getpid():
+                self._pool._transaction_ended()
 
     def close(self) -> None:
         """Give the share back; the last share returns the connection to the pool."""

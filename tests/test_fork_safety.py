@@ -15,11 +15,14 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fakedb
 import pytest
 from fork_scenarios import use_pool as use_pool
 from forking import fork_child
@@ -324,6 +327,71 @@ def test_a_fork_that_skips_python_hooks_while_a_pool_is_being_built_does_not_han
 
     with forksafe.fork.process_lock():
         assert fork_child(child, raw=True, timeout=10) == 7
+
+
+@contextmanager
+def _held_by_another_thread(lock: Any) -> Iterator[None]:
+    """Hold ``lock`` in a thread of its own for the duration of the block."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def _fork_again() -> int:
+    pid = os.fork()  # runs the fork hooks, in a process whose locks were copied taken
+    if pid == 0:
+        os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.parametrize("lock", ["registry", "pool"])
+def test_a_child_of_a_fork_without_hooks_can_fork_again(lock: str) -> None:
+    """Another thread of the parent held a lock the fork hook takes (the registry's, or
+    an unused pool's) when a fork without hooks copied it: the child's own os.fork()
+    must not wait for it."""
+    pool = PooledDB(sqlite3, database=":memory:")
+    held = forksafe.fork._lock_of_this_process() if lock == "registry" else pool._mutex
+    with _held_by_another_thread(held):
+        assert fork_child(_fork_again, raw=True, timeout=10) == 0
+    pool.close()
+
+
+def test_commit_on_a_share_inherited_through_a_fork_without_hooks_raises() -> None:
+    """The share's commit() must refuse, not wake the parent's waiters through the
+    parent's copy of the pool lock (taken by a thread the child does not have)."""
+    pool = PooledDB(fakedb, maxshared=1, maxconnections=1, blocking=True)
+    share = pool.connection()
+    share.begin()
+    waiter = threading.Thread(target=lambda: pool.connection().close())
+    waiter.start()  # waits for the transaction to end
+    while not pool._waiting:
+        time.sleep(0.01)
+
+    def child() -> str:
+        try:
+            share.commit()
+        except ForkedConnectionError:
+            return "refused"
+        return "committed"
+
+    with _held_by_another_thread(pool._mutex):
+        assert fork_child(child, raw=True, timeout=10) == "refused"
+    share.commit()
+    waiter.join(timeout=10)
+    share.close()
+    pool.close()
 
 
 def test_after_fork_is_idempotent_in_a_fork_that_skips_python_hooks(target: Target) -> None:

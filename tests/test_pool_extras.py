@@ -849,6 +849,39 @@ def test_a_shared_connection_that_is_never_idle_is_still_replaced_after_maxage()
     assert not any(c.number == first for c in fakedb.open_connections())
 
 
+def test_a_shared_connection_past_maxage_is_still_shared_when_no_slot_is_free() -> None:
+    """Retiring it would make the checkout wait for all its shares: here, its own
+    thread's."""
+    pool = PooledDB(fakedb, maxshared=1, maxconnections=1, blocking=True, maxwait=5, maxage=0.2)
+    first = pool.connection()
+    number = number_of(first)
+    time.sleep(0.3)
+    again = pool.connection()  # the same thread, its first share still held
+    assert number_of(again) == number
+    again.close()
+    first.close()
+
+
+def test_a_transaction_ended_by_a_failed_statement_lets_a_waiter_share() -> None:
+    """Inside a transaction a failure is raised and the connection replaced, which ends
+    the transaction without commit() or rollback()."""
+    pool = PooledDB(fakedb, maxshared=1, maxconnections=1, blocking=True, maxwait=30)
+    holder = pool.connection()
+    holder.begin()
+    number_of(holder)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.connection()))
+    waiter.start()
+    assert poll(lambda: pool._waiting == 1)
+    fakedb.fail_next()
+    with pytest.raises(fakedb.OperationalError):
+        number_of(holder)
+    assert poll(lambda: bool(got)), "the waiter still waits for a share"
+    waiter.join(timeout=10)
+    got[0].close()
+    holder.close()
+
+
 def test_shares_given_back_after_the_pool_closed_them_free_no_slot_twice() -> None:
     pool = PooledDB(fakedb, maxshared=2, maxconnections=2)
     held = [pool.connection() for _ in range(2)]
