@@ -53,13 +53,23 @@ __all__ = [
     "process_lock",
     "register",
     "reset_lock",
+    "token",
 ]
 
 #: Bumped once in every new process (by the fork hook, or by the first pid check that
 #: notices the process changed). Comparing it is much cheaper than ``os.getpid()``, a
-#: system call; connections use it to notice cheaply that they may have been inherited.
+#: system call; see :func:`token`.
 generation = 0
 _pid = os.getpid()
+
+
+def token() -> int:
+    """This process's token: :data:`generation` as one non-zero byte, what
+    ``armed[0]`` holds while the process is known (see :data:`armed`). Connections keep
+    the token of their process and compare it with ``armed[0]``, one read: a different
+    value means they may have been inherited. Tokens repeat after 255 generations, so a
+    connection carried through 255 nested forks unused would go unnoticed."""
+    return generation % 255 + 1
 
 
 # Linux's MADV_WIPEONFORK (4.14+; not exported by every Python's mmap module).
@@ -75,7 +85,7 @@ def _wipe_on_fork_page() -> mmap.mmap | None:
         page.madvise(_MADV_WIPEONFORK)
     except (AttributeError, OSError, ValueError):
         return None
-    page[0] = 1
+    page[0] = token()
     return page
 
 
@@ -88,13 +98,14 @@ _wipes = _wiped_page is not None
 page: mmap.mmap | bytearray = _wiped_page if _wiped_page is not None else bytearray(1)
 cached_pid = os.getpid()
 
-#: ``armed[0]`` is true while :data:`generation` is known to be this process's, which
-#: connections check besides the generation. Where pages can be wiped it is :data:`page`,
-#: zeroed in a child however it was forked, until :func:`getpid` runs there and bumps the
-#: generation: a fork that ran no Python hook is noticed at the next statement. Elsewhere
-#: it is always true, and such a fork goes unnoticed until :func:`after_fork` or a pool's
-#: pid check.
-armed: mmap.mmap | bytes = _wiped_page if _wiped_page is not None else b"\x01"
+#: ``armed[0]`` is this process's :func:`token` while the process is known, which
+#: connections compare with the token they were made with. Where pages can be wiped it
+#: is :data:`page`, zeroed in a child however it was forked, until :func:`getpid` runs
+#: there, bumps the generation and writes the new token: a fork that ran no Python hook
+#: is noticed at the next statement. Elsewhere :func:`note_process` writes it (the fork
+#: hook, :func:`after_fork`, a pool's pid check), and a fork that ran no hook goes
+#: unnoticed until one of those runs.
+armed: mmap.mmap | bytearray = _wiped_page if _wiped_page is not None else bytearray([token()])
 
 
 def getpid() -> int:
@@ -104,7 +115,7 @@ def getpid() -> int:
     hook (uWSGI's). ``os.getpid()`` is a system call; reading a byte of a page the kernel
     wipes in every child is not. Where the kernel cannot wipe pages, falls back to
     ``os.getpid()``. In a new process it bumps :data:`generation` (if the fork hook did
-    not) before setting the page again (see :data:`armed`).
+    not) before writing the new token to the page (see :data:`armed`).
     """
     global cached_pid
     if page[0]:
@@ -113,7 +124,7 @@ def getpid() -> int:
     if _wipes:
         note_process(pid)
         cached_pid = pid
-        page[0] = 1
+        page[0] = token()
     return pid
 
 
@@ -126,6 +137,8 @@ def note_process(pid: int | None = None) -> bool:
     if pid == _pid:
         return False
     generation += 1
+    if not _wipes:
+        armed[0] = token()
     # Last: another thread that finds the new pid here finds the new generation too.
     _pid = pid
     return True

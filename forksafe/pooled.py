@@ -75,7 +75,7 @@ from forksafe.steady import Recipe, SteadyDBConnection, SteadyDBCursor, _new_cur
 
 # Read by the inlined pid checks on the hot path; see fork.getpid().
 _page = fork.page
-# Read with the generation by the inlined process checks; see fork.armed.
+# Compared with a connection's token by the inlined process checks; see fork.armed.
 _armed = fork.armed
 
 __all__ = [
@@ -535,7 +535,7 @@ class PooledDB(fork.ProcessBound):
             con = self._fit(con)
         elif con._ping & 1:
             try:
-                if con._plain_ping and con._generation == fork.generation:
+                if con._plain_ping and con._token == _armed[0]:
                     # con._ping_check() for a driver whose ping is its ping() alone,
                     # inlined (hot path: one Python call fewer while the pings succeed).
                     try:
@@ -921,7 +921,7 @@ class _PooledProxy:
         if args or kwargs:
             return SteadyDBCursor(con, *args, **kwargs)
         cls = con._cursor_class
-        if not con._plain or con._generation != fork.generation or not _armed[0]:
+        if not con._plain or con._token != _armed[0]:
             return con.cursor()
         # con.cursor()'s fast path, inlined (hot path: one Python call fewer).
         try:

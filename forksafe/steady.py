@@ -46,7 +46,7 @@ InvalidCursor = InvalidCursorError
 
 # Read by the inlined pid checks on the hot path; see fork.getpid().
 _page = fork.page
-# Read with the generation by the process checks on the hot paths; see fork.armed.
+# Compared with a connection's token by the process checks on the hot paths; see fork.armed.
 _armed = fork.armed
 
 _PING_ERROR = (
@@ -220,7 +220,7 @@ class SteadyDBConnection:
     _transaction: bool
     _usage: int
     _pid: int
-    _generation: int
+    _token: int  # fork.token() of the process that opened it (see fork.armed)
     _created_at: float
     _reconnects: int
     _jitter: float  # fraction of a pool's maxage this connection may live
@@ -288,7 +288,7 @@ class SteadyDBConnection:
         self._transaction = False
         self._usage = 0
         self._pid = 0
-        self._generation = -1
+        self._token = 0
         self._created_at = 0.0
         self._reconnects = 0
         self._jitter = 1.0
@@ -350,7 +350,7 @@ class SteadyDBConnection:
         if self._pid:
             self._reconnects += 1
         self._con = con
-        pid = fork.getpid()  # first: in a new process, this also bumps the generation
+        pid = fork.getpid()  # first: in a new process, this also writes the new token
         drivers.track(con)
         self._in_transaction = drivers.transaction_probe(con)
         self._quiet = drivers.quiet_probe(con)
@@ -359,7 +359,7 @@ class SteadyDBConnection:
         self._closed = False
         self._usage = 0
         self._pid = pid
-        self._generation = fork.generation
+        self._token = _armed[0]
         self._created_at = self._idle_since = time.monotonic()
 
     def _replace(self, con: Any) -> None:
@@ -402,20 +402,19 @@ class SteadyDBConnection:
     def _check_process(self) -> None:
         """Refuse to work in a process that did not open this connection.
 
-        The hot paths call it only when ``self._generation != fork.generation or not
-        _armed[0]``: :func:`fork.getpid` bumps the generation in a new process, even one
-        forked without the Python hooks, so the generation alone then tells.
+        The hot paths call it only when ``self._token != _armed[0]``: a new process, or
+        one not known yet (its page wiped by a fork that ran no Python hook), in which
+        :func:`fork.getpid` then writes the new token.
         """
         pid = fork.getpid()
-        if self._generation != fork.generation:
-            if self._pid != pid:
-                raise ForkedConnectionError(
-                    f"this connection was opened by process {self._pid} and inherited"
-                    f" through fork() by process {pid}; using it would mix both processes'"
-                    " queries on one socket. Get a new connection from the pool in this"
-                    " process"
-                )
-            self._generation = fork.generation
+        if self._pid != pid:
+            raise ForkedConnectionError(
+                f"this connection was opened by process {self._pid} and inherited"
+                f" through fork() by process {pid}; using it would mix both processes'"
+                " queries on one socket. Get a new connection from the pool in this"
+                " process"
+            )
+        self._token = _armed[0]
 
     def _driver_in_transaction(self) -> bool | None:
         """What the driver says of an open transaction: True, False or None (cannot tell)."""
@@ -441,7 +440,7 @@ class SteadyDBConnection:
         """Roll back; after one of ``failures``, reconnect for the next use. Returns the
         error instead of raising it: pools returning a connection ignore it (one Python
         call on their hot path), :meth:`rollback` raises it."""
-        if self._generation != fork.generation or not _armed[0]:
+        if self._token != _armed[0]:
             try:
                 self._check_process()
             except Exception as error:
@@ -473,7 +472,7 @@ class SteadyDBConnection:
         """
         if not ping & self._ping:
             return None
-        if self._generation != fork.generation or not _armed[0]:
+        if self._token != _armed[0]:
             self._check_process()
         alive: Any
         if self._pinger is None:
@@ -584,7 +583,7 @@ class SteadyDBConnection:
 
     def commit(self) -> None:
         """Commit; if the commit fails, reconnect for the next use and raise the error."""
-        if self._generation != fork.generation or not _armed[0]:
+        if self._token != _armed[0]:
             self._check_process()
         self._transaction = False
         try:
@@ -616,7 +615,7 @@ class SteadyDBConnection:
 
     def _cursor(self, *args: Any, **kwargs: Any) -> Any:
         """Make a driver cursor, reconnecting once if the connection turned out dead."""
-        if self._generation != fork.generation or not _armed[0]:
+        if self._token != _armed[0]:
             self._check_process()
         transaction = self._transaction
         if not transaction and self._ping & 2:
@@ -659,7 +658,7 @@ class SteadyDBConnection:
         if args or kwargs:
             return SteadyDBCursor(self, *args, **kwargs)
         cls = self._cursor_class
-        if not self._plain or self._generation != fork.generation or not _armed[0]:
+        if not self._plain or self._token != _armed[0]:
             return cls(self)
         # No ping or usage limit applies: SteadyDBCursor.__init__'s fast path without the
         # __init__ call (hot path; pooled proxies inline this too). The first cursor of a
@@ -719,7 +718,7 @@ class SteadyDBCursor:
             raise TypeError(f"{con!r} is not a SteadyDBConnection")
         self._con = con
         self._args, self._kwargs = args, kwargs
-        if con._plain and con._generation == fork.generation and _armed[0]:
+        if con._plain and con._token == _armed[0]:
             try:  # the fast path of con._cursor()
                 cursor = con._con.cursor(*args, **kwargs)
             except con._failures as error:
@@ -749,7 +748,7 @@ class SteadyDBCursor:
         if cursor is None:
             raise InvalidCursorError(f"cursor has no driver cursor; cannot get {name!r}")
         con = self._con
-        if con._generation != fork.generation or not _armed[0]:
+        if con._token != _armed[0]:
             con._check_process()
         return cursor
 
@@ -815,7 +814,7 @@ class SteadyDBCursor:
         if not self._closed:
             self._closed = True
             con = self._con
-            if (con._generation != fork.generation or not _armed[0]) and con._pid != fork.getpid():
+            if con._token != _armed[0] and con._pid != fork.getpid():
                 return
             try:  # noqa: SIM105 - hot path
                 self._cursor.close()
@@ -825,7 +824,7 @@ class SteadyDBCursor:
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         """Execute a statement; retried once on a fresh connection outside a transaction."""
         con = self._con
-        if con._plain and con._generation == fork.generation and _armed[0] and not self._sized:
+        if con._plain and con._token == _armed[0] and not self._sized:
             # Fast path of _call for the common case; failures take the full path.
             try:
                 result = self._cursor.execute(*args, **kwargs)
@@ -848,7 +847,7 @@ class SteadyDBCursor:
     def fetchone(self) -> Any:
         """Fetch the next row."""
         con = self._con
-        if con._generation != fork.generation or not _armed[0]:
+        if con._token != _armed[0]:
             return self._live("fetchone").fetchone()
         return self._cursor.fetchone()
 
@@ -863,7 +862,7 @@ class SteadyDBCursor:
     def _call(self, name: str, args: Any, kwargs: Any, execute: bool) -> Any:
         con = self._con
         transaction = con._transaction
-        if con._generation != fork.generation or not _armed[0]:
+        if con._token != _armed[0]:
             con._check_process()
         if not transaction and con._ping & 4:
             con._ping_check(4)

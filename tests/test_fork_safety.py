@@ -264,6 +264,49 @@ def test_cancel_is_refused_in_a_child(target: Target) -> None:
     pool.close()
 
 
+_WITHOUT_WIPED_PAGES = """
+import mmap, sqlite3, sys
+sys.path[:0] = [{tests!r}]
+
+mmap.MADV_WIPEONFORK = None  # as on a kernel that cannot wipe pages in a child
+from forksafe import ForkedConnectionError, PooledDB, fork
+from forking import fork_child
+
+assert type(fork.armed) is bytearray
+pool = PooledDB(sqlite3, database=":memory:", check_same_thread=False)
+held = pool.connection()
+
+def child():
+    try:
+        held.cursor().execute("SELECT 1")
+    except ForkedConnectionError:
+        refused = True
+    else:
+        refused = False
+    with pool.connection() as own:
+        cursor = own.cursor()
+        cursor.execute("SELECT 2")
+        return [refused, cursor.fetchone()[0]]
+
+assert fork_child(child) == [True, 2]
+cursor = held.cursor()
+cursor.execute("SELECT 3")
+assert cursor.fetchone()[0] == 3
+print("ok")
+"""
+
+
+def test_without_wiped_pages_the_fork_hook_still_makes_connections_refuse() -> None:
+    """Where the kernel cannot wipe a page in a child, the fork hook writes the child's
+    token instead: a connection from before the fork refuses, the pool opens a new one."""
+    script = _WITHOUT_WIPED_PAGES.format(tests=str(HERE))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=HERE
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 _SQLITE_CHILD_EXITS = """
 import sqlite3, sys
 sys.path[:0] = [{tests!r}]
