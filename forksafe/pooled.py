@@ -975,7 +975,7 @@ class PooledDedicatedDBConnection(_PooledProxy):
             return
         self._con = None
         pool = self._pool
-        if pool._lean_return and _page[0] and con._pid == fork.cached_pid and not con._reconnects:
+        if pool._lean_return and con._token == _armed[0] and not con._reconnects:
             # pool.cache(con) inlined for its common case (hot path: one Python call
             # fewer): this process's connection, nothing to count, no limit to apply.
             if con._closed:

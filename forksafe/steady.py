@@ -218,7 +218,7 @@ class SteadyDBConnection:
     _args: tuple[Any, ...]
     _kwargs: dict[str, Any]
     _transaction: bool
-    _usage: int
+    _usage: int  # operations since connect, counted where maxusage is set
     _pid: int
     _token: int  # fork.token() of the process that opened it (see fork.armed)
     _created_at: float
@@ -832,8 +832,7 @@ class SteadyDBCursor:
                 if self._no_failover or not con._fatal_check(error):
                     raise
                 return self._failover("execute", args, kwargs, error, overused=False)
-            con._usage += 1
-            return result
+            return result  # not counted: a plain connection has no maxusage to reach
         return self._call("execute", args, kwargs, True)
 
     def executemany(self, *args: Any, **kwargs: Any) -> Any:
