@@ -138,6 +138,20 @@ def test_persistent_connections_are_per_process(target: Target) -> None:
     assert_isolated(target, run_scenario("persistent", target))
 
 
+def _attempt(use: Callable[[], object]) -> str:
+    """ "refused" if ``use()`` raises ForkedConnectionError, "worked" if it returns."""
+    try:
+        use()
+    except ForkedConnectionError:
+        return "refused"
+    return "worked"
+
+
+def _in_children(uses: dict[str, Callable[[], object]], raw: bool) -> dict[str, str]:
+    """Each use as the first thing a forked child of its own does, and its outcome."""
+    return {name: fork_child(lambda use=use: _attempt(use), raw=raw) for name, use in uses.items()}
+
+
 def test_pid_check_protects_a_fork_that_skips_python_hooks(target: Target) -> None:
     """Like uWSGI's C-level fork: no os.register_at_fork hook runs in the child."""
     pool = PooledDB(target.module, 2, **target.kwargs)
@@ -176,18 +190,7 @@ def test_connections_from_before_a_fork_that_skips_python_hooks_refuse_to_work(
         "cursor() of a persistent connection": held["persistent"].cursor,
     }
 
-    def attempt(use: Callable[[], object]) -> str:
-        try:
-            use()
-        except ForkedConnectionError:
-            return "refused"
-        return "worked"
-
-    # One child per use: each is the first thing its child does.
-    outcomes = {
-        name: fork_child(lambda use=use: attempt(use), raw=True) for name, use in uses.items()
-    }
-    assert outcomes == dict.fromkeys(uses, "refused")
+    assert _in_children(uses, raw=True) == dict.fromkeys(uses, "refused")
     assert {name: session(con) for name, con in held.items()} == sessions
     for con in held.values():
         con.close()
@@ -228,18 +231,8 @@ def test_a_server_side_cursor_from_before_a_fork_reads_nothing_in_the_child(
         "scroll() (forwarded)": lambda: cursor.scroll(10),
     }
 
-    def attempt(use: Callable[[], object]) -> str:
-        try:
-            use()
-        except ForkedConnectionError:
-            return "refused"
-        return "worked"
-
-    outcomes = {
-        name: fork_child(lambda use=use: attempt(use), raw=raw) for name, use in uses.items()
-    }
-    assert outcomes == dict.fromkeys(uses, "refused")
-    assert fork_child(lambda: attempt(cursor.close), raw=raw) == "worked"
+    assert _in_children(uses, raw=raw) == dict.fromkeys(uses, "refused")
+    assert _in_children({"close()": cursor.close}, raw=raw) == {"close()": "worked"}
     assert cursor.fetchone()[0] == 2, "a child moved the parent's cursor"
     cursor.close()
     held.close()
@@ -252,14 +245,7 @@ def test_cancel_is_refused_in_a_child(target: Target) -> None:
     pool = PooledDB(target.module, **target.kwargs)
     held = pool.connection()
 
-    def child() -> str:
-        try:
-            held.cancel()
-        except ForkedConnectionError:
-            return "refused"
-        return "worked"
-
-    assert fork_child(child) == "refused"
+    assert _in_children({"cancel()": held.cancel}, raw=False) == {"cancel()": "refused"}
     held.close()
     pool.close()
 
@@ -422,15 +408,8 @@ def test_commit_on_a_share_inherited_through_a_fork_without_hooks_raises() -> No
     while not pool._waiting:
         time.sleep(0.01)
 
-    def child() -> str:
-        try:
-            share.commit()
-        except ForkedConnectionError:
-            return "refused"
-        return "committed"
-
     with _held_by_another_thread(pool._mutex):
-        assert fork_child(child, raw=True, timeout=10) == "refused"
+        assert _in_children({"commit()": share.commit}, raw=True) == {"commit()": "refused"}
     share.commit()
     waiter.join(timeout=10)
     share.close()
