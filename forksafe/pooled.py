@@ -165,11 +165,36 @@ class _Family:
         self.pools: weakref.WeakSet[PooledDB] = weakref.WeakSet()
         self.built = 0  # pools ever built in it, for the pool-per-call warning
         self.warned = False
+        self.warming: dict[int, int] = {}  # pid -> connections warm-ups are opening there
 
     def idle(self) -> int:
         """Idle connections of the family's pools that belong to this process."""
         pid = fork.getpid()
         return sum(len(pool._idle) for pool in list(self.pools) if pool._pid == pid)
+
+    def reserve(self, wanted: int) -> int:
+        """For a warm-up in this process: how many connections to open so that ``wanted``
+        are idle, counting those other warm-ups of the family are opening; reserved."""
+        with fork.process_lock():
+            pid = fork.getpid()
+            opening = self.warming.get(pid, 0)
+            left = max(0, wanted - self.idle() - opening)
+            self.warming = {pid: opening + left}  # a parent's count means nothing here
+            return left
+
+    def settle(
+        self,
+        count: int,
+        idle: deque[SteadyDBConnection] | None = None,
+        con: SteadyDBConnection | None = None,
+    ) -> None:
+        """Release ``count`` reserved connections; ``con``, one just opened, goes to
+        ``idle`` at the same moment."""
+        with fork.process_lock():
+            if idle is not None and con is not None:
+                idle.append(con)
+            pid = fork.getpid()
+            self.warming[pid] = self.warming.get(pid, 0) - count
 
     def borrow(self, pool: PooledDB) -> SteadyDBConnection | None:
         """Take an idle connection from a sibling of ``pool`` in this process, if any."""
@@ -349,7 +374,6 @@ class PooledDB(fork.ProcessBound):
         self._shared_cache: list[SharedDBConnection] = []
         self._shared_pending = 0
         self._warm = not self._mincached
-        self._warming = 0  # connections warm() reserved and is opening
         self._leases: dict[int, _Lease] = {}
         self._stats = dict.fromkeys(
             (
@@ -417,25 +441,22 @@ class PooledDB(fork.ProcessBound):
     def warm(self) -> None:
         """Open connections until ``mincached`` are idle. Normally done at first checkout.
 
-        Threads warming at once open ``mincached`` connections in all, not each: each
-        reserves (under the lock) what the idle ones and the others' openings lack.
+        Threads warming at once, this pool or identical ones, open ``mincached``
+        connections in all, not each: each reserves what the idle ones and the others'
+        openings lack.
         """
         self._checkpid()
         self._warm = True
-        with self._mutex:
-            left = max(0, self._mincached - self._family.idle() - self._warming)
-            self._warming += left
+        family = self._family
+        left = family.reserve(self._mincached)
         try:
             while left:
-                con = self._open()  # I/O: outside the lock
-                with self._mutex:
-                    self._idle.append(con)
-                    self._warming -= 1
+                con = self._open()  # I/O: outside any lock
+                family.settle(1, self._idle, con)
                 left -= 1
         finally:
             if left:  # an open failed: give back what was reserved and not opened
-                with self._mutex:
-                    self._warming -= left
+                family.settle(left)
 
     def _too_old(self, con: SteadyDBConnection, now: float) -> bool:
         return self._maxage is not None and now - con._created_at > self._maxage * con._jitter

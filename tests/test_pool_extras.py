@@ -90,6 +90,29 @@ def test_threads_warming_at_once_open_mincached_connections_in_all() -> None:
     assert pool.stats()["idle"] == 2
 
 
+def test_identical_pools_warming_at_once_open_mincached_connections_in_all() -> None:
+    """The pool-per-call pattern under threads: each call's new pool warms up at once."""
+
+    def slow_connect() -> Any:
+        time.sleep(0.05)
+        return fakedb.connect()
+
+    pools = [PooledDB(slow_connect, mincached=3) for _ in range(4)]
+    start = threading.Barrier(len(pools))
+
+    def warm(pool: PooledDB) -> None:
+        start.wait()
+        pool.warm()
+
+    threads = [threading.Thread(target=warm, args=(pool,)) for pool in pools]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert fakedb.counts.connects == 3
+    assert sum(pool.stats()["idle"] for pool in pools) == 3
+
+
 def test_a_failed_warm_up_reserves_nothing() -> None:
     pool = PooledDB(fakedb, mincached=2)
     fakedb.fail_next(operation="connect")
