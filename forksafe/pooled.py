@@ -848,9 +848,9 @@ class PooledDB(fork.ProcessBound):
     def stats(self) -> dict[str, int]:
         """Named counters for this pool in this process, safe to log or export as-is.
 
-        ``idle`` counts the idle connections shared with identical pools, ``in_use`` this
-        pool's checked-out connections; the rest count events since the process started
-        using the pool.
+        ``idle`` counts this pool's idle connections (identical pools may borrow them),
+        ``in_use`` its checked-out connections; the rest count events since the process
+        started using the pool.
         """
         self._checkpid()
         with self._mutex:
