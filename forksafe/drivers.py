@@ -39,6 +39,7 @@ from typing import Any
 __all__ = [
     "blind_inherited",
     "discard",
+    "fetches_from_server",
     "quiet_probe",
     "socket_fd",
     "track",
@@ -335,6 +336,28 @@ def transaction_probe(con: Any) -> Callable[[Any], object] | None:
     if hasattr(con, "in_transaction"):
         return _generic_in_transaction
     return None
+
+
+# Classes (by name, anywhere in a cursor type's MRO) whose cursors leave rows on the server.
+_SERVER_CURSORS = {
+    "psycopg": frozenset({"ServerCursorMixin", "AsyncServerCursorMixin"}),
+    "pymysql": frozenset({"SSCursor"}),
+    "MySQLdb": frozenset({"CursorUseResultMixIn"}),
+}
+
+
+def fetches_from_server(cursor: Any) -> bool:
+    """Whether reading rows from ``cursor`` may read its session: a psycopg2 named cursor,
+    a psycopg server cursor, a PyMySQL or mysqlclient unbuffered cursor; sqlite3 (which
+    steps its statement as rows are read) and unknown drivers too. False only for the
+    client-side cursors of the drivers above, which hold every row after ``execute()``."""
+    module = _module_of(cursor)
+    if module.startswith("psycopg2"):
+        return getattr(cursor, "name", None) is not None
+    for prefix, server_side in _SERVER_CURSORS.items():
+        if module.startswith(prefix):
+            return any(kind.__name__ in server_side for kind in type(cursor).__mro__)
+    return True
 
 
 _QUIET_EVENTS = select.POLLIN | select.POLLPRI if hasattr(select, "poll") else 0

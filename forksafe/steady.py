@@ -765,10 +765,16 @@ class SteadyDBCursor:
 
     def __iter__(self) -> Iterator[Any]:
         cursor = self._live("__iter__")
+        rows: Iterator[Any]
         try:
-            return iter(cursor)
+            rows = iter(cursor)
         except TypeError:
-            return iter(cursor.fetchone, None)
+            rows = iter(cursor.fetchone, None)
+        if drivers.fetches_from_server(cursor):
+            # Each row may be a read of the session: checked, like fetchone(), in case
+            # the iterator outlives a fork. Client-side rows are only memory.
+            return _rows_of_this_process(self._con, rows)
+        return rows
 
     @property
     def dbapi_cursor(self) -> Any:
@@ -960,6 +966,18 @@ class SteadyDBCursor:
 # Makes a steady cursor without running its __init__ (a Python call); see
 # SteadyDBConnection.cursor().
 _new_cursor = object.__new__
+
+
+def _rows_of_this_process(con: SteadyDBConnection, rows: Iterator[Any]) -> Iterator[Any]:
+    """The rows of ``rows``, each read only in the process that opened ``con``."""
+    while True:
+        if con._token != _armed[0]:
+            con._check_process()
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        yield row
 
 
 def _failover_call(cursor: SteadyDBCursor, name: str) -> Callable[..., Any]:

@@ -223,11 +223,13 @@ def test_a_server_side_cursor_from_before_a_fork_reads_nothing_in_the_child(
     held = pool.connection()
     cursor = _server_side_cursor(target, held)
     assert cursor.fetchone()[0] == 1
+    rows = iter(cursor)
     uses: dict[str, Callable[[], object]] = {
         "fetchone()": cursor.fetchone,
         "fetchmany()": lambda: cursor.fetchmany(5),
         "fetchall()": cursor.fetchall,
         "iteration": lambda: next(iter(cursor)),
+        "an iterator from before the fork": lambda: next(rows),
         "scroll() (forwarded)": lambda: cursor.scroll(10),
     }
 

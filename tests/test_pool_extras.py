@@ -8,6 +8,7 @@ import functools
 import gc
 import logging
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -545,6 +546,48 @@ def test_a_pymysql_ping_asks_the_server_only_when_its_socket_has_news(mysql: Any
         pool.connection().close()
     assert session() == (second, pings_before)
     pool.close()
+
+
+def test_only_cursors_that_leave_rows_on_the_server_count_as_reading_it(
+    postgres: Any, mysql: Any, tmp_path: Any
+) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg = pytest.importorskip("psycopg")
+    pymysql = pytest.importorskip("pymysql")
+    cursors = pytest.importorskip("pymysql.cursors")
+
+    pg2, pg3, my = (
+        psycopg2.connect(**postgres.kwargs),
+        psycopg.connect(**postgres.kwargs),
+        pymysql.connect(**mysql.kwargs),
+    )
+    lite = sqlite3.connect(str(tmp_path / "rows.db"))
+    try:
+        seen = {
+            "psycopg2": drivers.fetches_from_server(pg2.cursor()),
+            "psycopg2 named": drivers.fetches_from_server(pg2.cursor("named")),
+            "psycopg": drivers.fetches_from_server(pg3.cursor()),
+            "psycopg server": drivers.fetches_from_server(pg3.cursor(name="named")),
+            "pymysql": drivers.fetches_from_server(my.cursor()),
+            "pymysql SSCursor": drivers.fetches_from_server(my.cursor(cursors.SSCursor)),
+            "pymysql SSDictCursor": drivers.fetches_from_server(my.cursor(cursors.SSDictCursor)),
+            "sqlite3": drivers.fetches_from_server(lite.cursor()),
+            "unknown": drivers.fetches_from_server(fakedb.connect().cursor()),
+        }
+    finally:
+        for con in (pg2, pg3, my, lite):
+            con.close()
+    assert seen == {
+        "psycopg2": False,
+        "psycopg2 named": True,
+        "psycopg": False,
+        "psycopg server": True,
+        "pymysql": False,
+        "pymysql SSCursor": True,
+        "pymysql SSDictCursor": True,
+        "sqlite3": True,
+        "unknown": True,
+    }
 
 
 def test_a_pymysql_quiet_probe_vouches_only_for_the_socket_it_watches(mysql: Any) -> None:
