@@ -435,6 +435,7 @@ class PooledDB(fork.ProcessBound):
                 " cannot be pooled; use PersistentDB or another driver"
             )
         con._jitter = 1.0 - 0.1 * random.random()
+        con._pooled = True
         self._stats["connections_created"] += 1
         return con
 
@@ -474,7 +475,11 @@ class PooledDB(fork.ProcessBound):
             con = None
         if con is None:
             return self._open()
-        con._ping_check()
+        try:
+            con._ping_check()
+        except BaseException:
+            self._close_con(con)
+            raise
         return con
 
     def _wait(
@@ -570,6 +575,7 @@ class PooledDB(fork.ProcessBound):
                     con._ping_check()
             except BaseException:
                 self._give_back_slot()
+                self._close_con(con)  # whatever state the failed ping left it in
                 raise
         proxy = _new_proxy(PooledDedicatedDBConnection)  # no __init__ call: hot path
         proxy._pool = self

@@ -253,6 +253,67 @@ def test_a_connection_dropped_without_close_is_reported_and_returned(
     assert pool.stats()["in_use"] == 0
 
 
+@pytest.mark.parametrize("driver_name", ["psycopg2", "psycopg", "pymysql", "sqlite3"])
+def test_a_connection_collected_in_a_reference_cycle_goes_back_to_the_pool(
+    driver_name: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    """The collector finalises the proxy and the connection it holds in any order; the
+    connection must not close itself before (or after) the proxy gives it back.
+
+    PyMySQL's socket is a Python object in the same garbage, closed by its own
+    finaliser: that session is lost, and the next checkout's ping replaces it."""
+    driver = pytest.importorskip(driver_name)
+    if driver_name == "sqlite3":
+        kwargs: dict[str, Any] = {"database": str(tmp_path / "cycle.db")}
+        session_sql = "SELECT 1"  # no session id: compare the driver connections
+    elif driver_name == "pymysql":
+        kwargs = request.getfixturevalue("mysql").kwargs
+        session_sql = "SELECT CONNECTION_ID()"
+    else:
+        kwargs = request.getfixturevalue("postgres").kwargs
+        session_sql = "SELECT pg_backend_pid()"
+    pool = PooledDB(driver, maxconnections=1, **kwargs)
+
+    def session(db: Any) -> Any:
+        cursor = db.cursor()
+        cursor.execute(session_sql)
+        row = cursor.fetchone()
+        cursor.close()
+        return db.dbapi_connection if driver_name == "sqlite3" else row[0]
+
+    db = pool.connection()
+    first = session(db)
+    holder: dict[str, Any] = {"db": db}
+    holder["self"] = holder  # only the collector can free it
+    del db, holder
+    gc.collect()
+    assert (pool.stats()["in_use"], pool.stats()["idle"]) == (0, 1)
+    with pool.connection() as db:
+        again = session(db)
+    stats = pool.stats()
+    if driver_name == "pymysql":
+        assert again != first
+        assert (stats["connections_created"], stats["reconnects"]) == (1, 1)
+    else:
+        assert again == first  # the same session, alive: not closed and reopened
+        assert (stats["connections_created"], stats["reconnects"]) == (1, 0)
+    assert stats["connections_closed"] == 0
+    pool.close()
+
+
+def test_a_checkout_interrupted_in_its_ping_closes_the_connection_it_took() -> None:
+    """Interrupted mid-ping (Ctrl-C), the connection's state is unknown: the pool closes
+    it and counts it, rather than leaving it to the collector."""
+    pool = PooledDB(fakedb, ping=1)
+    pool.connection().close()
+    fakedb.fail_next(1, "ping", KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pool.connection()
+    stats = pool.stats()
+    assert (stats["in_use"], stats["idle"], stats["connections_closed"]) == (0, 0, 1)
+    assert fakedb.counts.closes == 1
+
+
 # -- stats ---------------------------------------------------------------------------
 
 
