@@ -226,8 +226,9 @@ class SteadyDBConnection:
     _jitter: float  # fraction of a pool's maxage this connection may live
     _idle_since: float  # when a pool last took it back
     # Opened by a pool: dropped while open, it is in a checked-out proxy's reference
-    # cycle, and the proxy's finaliser returns it (see __del__).
-    _pooled: bool
+    # cycle, and the proxy's finaliser returns it (see __del__). A class default: read by
+    # __del__ also when __init__ rejected its arguments.
+    _pooled = False
     # See drivers.transaction_probe(); None: the driver cannot tell.
     _in_transaction: Callable[[Any], object] | None
     _quiet: Callable[[Any], bool] | None
@@ -296,7 +297,6 @@ class SteadyDBConnection:
         self._reconnects = 0
         self._jitter = 1.0
         self._idle_since = 0.0
-        self._pooled = False
         self._store(self._create())
         self._reconnects = 0
 

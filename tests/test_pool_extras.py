@@ -507,6 +507,26 @@ def test_failures_that_are_not_exception_classes_are_refused_by_name(failures: A
     assert fakedb.counts.connects == 0
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: steady_db.connect(None),
+        lambda: steady_db.connect(fakedb, None, "SET x"),  # setsession: a string
+        lambda: PooledDB(fakedb, ping=(1,)).connection(),
+    ],
+    ids=["creator", "setsession", "ping"],
+)
+def test_a_refused_argument_raises_once_and_leaves_no_finaliser_error(
+    make: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(TypeError):
+        make()
+    gc.collect()
+    assert [str(u.exc_value) for u in unraisable] == []
+
+
 def test_maxcached_below_mincached_is_refused() -> None:
     with pytest.raises(ValueError, match="maxcached=1 is below mincached=3"):
         PooledDB(fakedb, mincached=3, maxcached=1)
