@@ -18,8 +18,9 @@ proxies and errors), so ``from dbutils.pooled_db import PooledDB`` becomes
 * **No I/O under the lock.** Connecting, pinging, rolling back and closing happen outside
   the pool lock, so one slow server round trip never stalls other threads or a fork.
 * **One set of idle connections per target.** Pools built in one process with identical
-  arguments share their idle connections, so the "new pool per call" mistake cannot grow
-  server sessions without bound; building many such pools also warns, naming the call site.
+  connection arguments and the same ``reset`` share their idle connections, so the "new
+  pool per call" mistake cannot grow server sessions without bound; building many such
+  pools also warns, naming the call site.
 
 Beyond DBUtils (keyword-only, all off by default):
 
@@ -153,7 +154,7 @@ def _seconds(name: str, value: Any) -> float | None:
 
 
 class _Family:
-    """The pools of one process built with identical arguments.
+    """The pools of one process built with identical connection arguments and ``reset``.
 
     Their connections are interchangeable, so a pool with no idle connection of its own
     borrows a sibling's before opening a new one, and warm-up counts the siblings' idle
@@ -336,8 +337,10 @@ class PooledDB(fork.ProcessBound):
             and self._maxidle is None
             and self._leaktime is None
         )
-        # Pools whose recipes agree hand out interchangeable connections.
-        self._family = _family_for(self._recipe.key)
+        # Pools whose recipes agree hand out interchangeable connections, if they also
+        # return them alike: a reset=False pool's idle ones may hold a transaction.
+        key = self._recipe.key
+        self._family = _family_for(None if key is None else (key, bool(self._reset)))
         self._family.pools.add(self)
         self._family.built += 1
         self._reset_process_state()

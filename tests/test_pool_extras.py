@@ -218,6 +218,25 @@ def test_maxidle_keeps_a_connection_borrowed_from_a_pool_that_does_not_time_idle
     assert fakedb.counts.connects == 1
 
 
+def test_a_pool_that_resets_never_borrows_from_one_that_does_not(postgres: Any) -> None:
+    """A reset=False pool's idle connection may hold an uncommitted transaction: an
+    otherwise identical pool that resets must not hand it out."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", forksafe.ManyPoolsWarning)
+        keeps = PooledDB(psycopg2, reset=False, **postgres.kwargs)
+        resets = PooledDB(psycopg2, reset=True, **postgres.kwargs)
+    db = keeps.connection()
+    db.cursor().execute("CREATE TEMPORARY TABLE uncommitted (x int)")
+    db.close()  # reset=False: idle in transaction, as DBUtils leaves it
+    with resets.connection() as db:
+        status = db.dbapi_connection.get_transaction_status()
+        assert status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    assert (keeps.stats()["idle"], resets.stats()["connections_created"]) == (1, 1)
+    keeps.close()
+    resets.close()
+
+
 # -- leaks ---------------------------------------------------------------------------
 
 
