@@ -257,7 +257,8 @@ class PooledDB(fork.ProcessBound):
     maxconnections: most connections checked out at once (0/None: no limit).
     blocking: at ``maxconnections``, wait (True) or raise TooManyConnectionsError.
     maxusage: reopen a connection after this many operations (0/None: never).
-    setsession: SQL statements run on every new connection.
+    setsession: SQL statements run on every new connection (committed where they opened
+        a transaction the driver reports, so a rollback does not undo them).
     reset: on return, roll back always (True) or only after ``begin()`` (False). A
         rollback the driver reports unnecessary (no transaction open) is skipped.
     failures: exception class(es) that trigger a reconnect (default: the driver's

@@ -187,7 +187,8 @@ class SteadyDBConnection:
 
     creator: a DB-API 2 module or a callable returning new driver connections.
     maxusage: reopen the connection after this many operations (0/None: never).
-    setsession: SQL statements run on every new connection.
+    setsession: SQL statements run on every new connection (committed where they opened
+        a transaction the driver reports, so a rollback does not undo them).
     failures: exception class(es) that trigger a transparent reconnect.
     ping: when to check the connection (see the module docstring).
     closeable: if false, :meth:`close` only ends an open transaction.
@@ -349,6 +350,12 @@ class SteadyDBConnection:
             for sql in self._setsession_sql:
                 cursor.execute(sql)
             cursor.close()
+            # A driver that opens a transaction for any statement (psycopg2, psycopg
+            # without autocommit) would leave the connection idle in transaction, and the
+            # first rollback would undo the settings: commit them where it reports one.
+            probe = drivers.transaction_probe(con)
+            if probe is not None and probe(con):
+                con.commit()
 
     def _store(self, con: Any) -> None:
         if self._pid:

@@ -459,6 +459,33 @@ def sessions(postgres: Any, app: str, state: str | None = None) -> int:
 # -- PersistentDB --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("driver_name", ["psycopg2", "psycopg"])
+def test_setsession_settings_last_and_leave_no_transaction_open(
+    driver_name: str, postgres: Any
+) -> None:
+    """On a driver that opens a transaction for any statement, setsession's statements
+    are committed: the warmed connection is idle, and the rollback on return keeps them."""
+    driver = pytest.importorskip(driver_name)
+    app = f"fs-setsession-{uuid.uuid4().hex[:8]}"
+    pool = PooledDB(
+        driver,
+        mincached=1,
+        setsession=["SET TIME ZONE 'Asia/Tokyo'"],
+        application_name=app,
+        **postgres.kwargs,
+    )
+    pool.warm()
+    assert sessions(postgres, app, "idle") == 1
+    seen = []
+    for _ in range(3):
+        with pool.connection() as db:
+            cursor = db.cursor()
+            cursor.execute("SHOW TIME ZONE")
+            seen.append(cursor.fetchone()[0])
+    assert seen == ["Asia/Tokyo"] * 3
+    pool.close()
+
+
 @pytest.mark.postgres
 def test_persistent_connections_close_when_their_threads_end(postgres: Any) -> None:
     psycopg2 = pytest.importorskip("psycopg2")
