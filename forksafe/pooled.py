@@ -735,6 +735,7 @@ class PooledDB(fork.ProcessBound):
 
     def unshare(self, con: SharedDBConnection) -> None:
         """Release one share of a shared connection; the last one returns it to the pool."""
+        forgotten = False
         with self._mutex:
             con.unshare()
             if con.shared:
@@ -742,8 +743,12 @@ class PooledDB(fork.ProcessBound):
             try:
                 self._shared_cache.remove(con)
             except ValueError:
-                if not con.retired:
-                    return  # close() closed it and gave its slot back already
+                forgotten = not con.retired  # by close(), which gave its slot back
+        if forgotten:
+            # close() closed it; a share used since may have reopened it (see
+            # SteadyDBConnection._close).
+            self._close_con(con.con)
+            return
         self.cache(con.con)
 
     def cache(self, con: SteadyDBConnection) -> None:

@@ -394,6 +394,10 @@ class SteadyDBConnection:
             drivers.untrack(con)
             with suppress(Exception):
                 con.close()
+            # Kept, closed, as in DBUtils: a later use gets the driver's error on a
+            # closed connection (an InterfaceError, one of the default failures) and
+            # reopens it, where a None would raise AttributeError.
+            self._con = con
         else:
             drivers.discard(con)
 

@@ -486,6 +486,36 @@ def test_setsession_settings_last_and_leave_no_transaction_open(
     pool.close()
 
 
+def test_a_closed_connection_reopens_at_its_next_use_as_in_dbutils(postgres: Any) -> None:
+    """A closed steady connection keeps its closed driver connection, whose error on use
+    (an InterfaceError, one of the failures) reopens it; a share used after pool.close()
+    likewise, and its new session closes when the share is given back."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    app = f"fs-reopen-{uuid.uuid4().hex[:8]}"
+    kwargs = {**postgres.kwargs, "application_name": app}
+
+    def answer(db: Any) -> int:
+        cursor = db.cursor()
+        cursor.execute("SELECT 42")
+        return int(cursor.fetchone()[0])
+
+    for make in (
+        lambda: steady_db.connect(psycopg2, **kwargs),
+        lambda: PersistentDB(psycopg2, closeable=True, **kwargs).connection(),
+    ):
+        db = make()
+        db.close()
+        assert answer(db) == 42
+        db.close()
+    pool = PooledDB(psycopg2, maxshared=2, **kwargs)
+    share = pool.connection()
+    pool.close()
+    assert answer(share) == 42
+    share.close()
+    assert poll(lambda: sessions(postgres, app) == 0), sessions(postgres, app)
+    assert pool.stats()["in_use"] == 0
+
+
 @pytest.mark.postgres
 def test_persistent_connections_close_when_their_threads_end(postgres: Any) -> None:
     psycopg2 = pytest.importorskip("psycopg2")
