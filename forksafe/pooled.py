@@ -460,8 +460,9 @@ class PooledDB(fork.ProcessBound):
                 family.settle(1, self._idle, con)
                 left -= 1
         finally:
-            if left:  # an open failed: give back what was reserved and not opened
+            if left:  # an open failed: give back what was reserved and not opened,
                 family.settle(left)
+                self._warm = False  # and warm up again at the next checkout
 
     def _too_old(self, con: SteadyDBConnection, now: float) -> bool:
         return self._maxage is not None and now - con._created_at > self._maxage * con._jitter

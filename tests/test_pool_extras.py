@@ -70,6 +70,15 @@ def test_warm_opens_mincached_connections_on_request() -> None:
     assert fakedb.counts.connects == 2
 
 
+def test_a_failed_warm_up_is_tried_again_at_the_next_checkout() -> None:
+    pool = PooledDB(fakedb, mincached=3)
+    fakedb.fail_next(1, "connect")  # the server is briefly away at the first checkout
+    with pytest.raises(fakedb.OperationalError):
+        pool.connection()
+    pool.connection().close()
+    assert pool.stats()["idle"] == 3
+
+
 def test_threads_warming_at_once_open_mincached_connections_in_all() -> None:
     def slow_connect() -> Any:
         time.sleep(0.05)  # every thread is inside warm() before the first open ends
