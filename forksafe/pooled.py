@@ -712,7 +712,7 @@ class PooledDB(fork.ProcessBound):
             next(self._taken)
         if shared is not None:
             shared.con._ping_check()
-            return PooledSharedDBConnection(self, shared)
+            return self._shared_proxy(shared)
         try:
             if con is None:
                 con = self._family.borrow(self)
@@ -730,7 +730,13 @@ class PooledDB(fork.ProcessBound):
             self._shared_cache.append(shared)
             if self._waiting:
                 self._wake()
-        return PooledSharedDBConnection(self, shared)
+        return self._shared_proxy(shared)
+
+    def _shared_proxy(self, shared: SharedDBConnection) -> PooledSharedDBConnection:
+        proxy = PooledSharedDBConnection(self, shared)
+        if self._leaktime is not None:
+            self._lease(proxy)
+        return proxy
 
     # -- return ---------------------------------------------------------------------
 
@@ -1122,14 +1128,20 @@ class PooledSharedDBConnection(_PooledProxy):
 
     def close(self) -> None:
         """Give the share back; the last share returns the connection to the pool."""
+        self._give_back(dropped=False)
+
+    def _give_back(self, dropped: bool) -> None:
         if self._con is not None:
             shared = self._shared_con
             self._shared_con = self._con = None
             if shared is not None:
                 if shared.con._pid != fork.getpid():
                     return  # inherited through fork: the pool already forgot it
-                self._pool.unshare(shared)
+                pool = self._pool
+                if pool._leaktime is not None:
+                    pool._release_lease(self, dropped)
+                pool.unshare(shared)
 
     def __del__(self) -> None:
         with suppress(Exception):
-            self.close()
+            self._give_back(dropped=True)

@@ -249,10 +249,11 @@ def test_a_pool_that_resets_never_borrows_from_one_that_does_not(postgres: Any) 
 # -- leaks ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sharing", [{}, {"maxshared": 2}], ids=["dedicated", "shared"])
 def test_a_connection_held_past_leaktime_is_reported_with_its_checkout_stack(
-    caplog: pytest.LogCaptureFixture,
+    sharing: dict[str, int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    pool = PooledDB(fakedb, leaktime=0.05)
+    pool = PooledDB(fakedb, leaktime=0.05, **sharing)
     held = pool.connection()
     time.sleep(0.06)
     with caplog.at_level(logging.WARNING, logger="forksafe"):
@@ -264,10 +265,11 @@ def test_a_connection_held_past_leaktime_is_reported_with_its_checkout_stack(
     assert pool.stats()["leaks"] == 1  # reported once
 
 
+@pytest.mark.parametrize("sharing", [{}, {"maxshared": 2}], ids=["dedicated", "shared"])
 def test_a_connection_dropped_without_close_is_reported_and_returned(
-    caplog: pytest.LogCaptureFixture,
+    sharing: dict[str, int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    pool = PooledDB(fakedb, leaktime=60)
+    pool = PooledDB(fakedb, leaktime=60, **sharing)
 
     def leak() -> None:
         pool.connection()
@@ -1183,7 +1185,9 @@ def test_stats_in_use_stays_between_zero_and_maxconnections_under_churn() -> Non
     pool.close()
 
 
-@pytest.mark.parametrize("options", [{"leaktime": 60}, {"maxshared": 2}], ids=str)
+@pytest.mark.parametrize(
+    "options", [{"leaktime": 60}, {"maxshared": 2}, {"leaktime": 60, "maxshared": 2}], ids=str
+)
 def test_a_dropped_proxy_collected_while_its_thread_holds_the_pool_lock_returns(
     options: dict[str, Any],
 ) -> None:
