@@ -488,13 +488,22 @@ class PooledDB(fork.ProcessBound):
         return con
 
     def _wait(
-        self, deadline: float | None, opening: bool = False, recheck: float | None = None
+        self,
+        deadline: float | None,
+        since: list[float],
+        opening: bool = False,
+        recheck: float | None = None,
+        busy: str = "",
     ) -> None:
-        """Wait (lock held) for a connection to be returned, or raise. ``opening``: for
-        one that another thread is opening, which even a non-blocking pool waits for.
-        ``recheck``: return after at most this many seconds, woken or not."""
+        """Wait (lock held) for a connection to be returned, or raise. ``since``: the
+        checkout's wait so far, empty until it first waits (see :meth:`_count_wait`).
+        ``opening``: for one that another thread is opening, which even a non-blocking
+        pool waits for. ``recheck``: return after at most this many seconds, woken or
+        not. ``busy``: what keeps the checkout waiting, when not ``maxconnections``."""
         if not self._blocking and not opening:
-            raise self._too_many()
+            raise self._too_many(busy)
+        if not since:
+            since.append(time.monotonic())
         self._waiting += 1
         try:
             if deadline is None:
@@ -507,7 +516,13 @@ class PooledDB(fork.ProcessBound):
         finally:
             self._waiting -= 1
         if not woken and deadline - time.monotonic() <= 0:
-            raise self._timed_out()  # it takes the (reentrant) lock again to count
+            raise self._timed_out(busy)  # it takes the (reentrant) lock again to count
+
+    def _count_wait(self, since: list[float]) -> None:
+        """Count (lock held) the wait of a checkout that waited (``since`` not empty)."""
+        if since:
+            self._stats["waits"] += 1
+            self._stats["wait_ms"] += int((time.monotonic() - since[0]) * 1000)
 
     def _wake(self) -> None:
         """Wake waiters (lock held) after a slot or a connection was freed.
@@ -609,15 +624,25 @@ class PooledDB(fork.ProcessBound):
             self._give_back_slot()
             raise
 
-    def _too_many(self) -> TooManyConnectionsError:
+    def _too_many(self, busy: str = "") -> TooManyConnectionsError:
+        if busy:
+            return TooManyConnectionsError(
+                f"{busy} and blocking=False; end transactions sooner, raise maxshared,"
+                " or set blocking=True"
+            )
         return TooManyConnectionsError(
             f"maxconnections={self._maxconnections} reached and blocking=False; raise"
             " maxconnections, return connections sooner, or set blocking=True"
         )
 
-    def _timed_out(self) -> PoolTimeoutError:
+    def _timed_out(self, busy: str = "") -> PoolTimeoutError:
         with self._mutex:
             self._stats["timeouts"] += 1
+        if busy:
+            return PoolTimeoutError(
+                f"no shared connection became usable within maxwait={self._maxwait}s"
+                f" ({busy}); end transactions sooner, or raise maxshared or maxwait"
+            )
         return PoolTimeoutError(
             f"no connection became free within maxwait={self._maxwait}s"
             f" (maxconnections={self._maxconnections} in use); raise maxconnections"
@@ -640,13 +665,12 @@ class PooledDB(fork.ProcessBound):
 
     def _wait_for_slot(self) -> None:
         deadline = self._deadline()
-        started = time.monotonic()
-        self._stats["waits"] += 1
+        since: list[float] = []
         try:
             while self._connections >= self._maxconnections:
-                self._wait(deadline)
+                self._wait(deadline, since)
         finally:
-            self._stats["wait_ms"] += int((time.monotonic() - started) * 1000)
+            self._count_wait(since)
 
     def _give_back_slot(self) -> None:
         if self._maxshared:
@@ -664,51 +688,13 @@ class PooledDB(fork.ProcessBound):
         return self.connection(False)
 
     def _shared_connection(self) -> PooledSharedDBConnection:
-        deadline = self._deadline()
         lock = self._mutex
-        shared: SharedDBConnection | None = None
-        con: SteadyDBConnection | None = None
+        since: list[float] = []
         with lock:
-            while True:
-                shared = None  # what an earlier pass found may be gone or busy by now
-                while (
-                    not self._shared_cache
-                    and self._maxconnections
-                    and self._connections >= self._maxconnections
-                ):
-                    self._wait(deadline)
-                below_max = not self._maxconnections or self._connections < self._maxconnections
-                if below_max and len(self._shared_cache) + self._shared_pending < self._maxshared:
-                    self._connections += 1
-                    self._shared_pending += 1
-                    con = self._idle.popleft() if self._idle else None
-                    break
-                if not self._shared_cache:
-                    # Full only of connections being opened: wait for one to share.
-                    self._wait(deadline, opening=self._shared_pending > 0)
-                    continue
-                self._shared_cache.sort()  # least shared first
-                shared = self._shared_cache[0]
-                if shared.con._transaction:
-                    # Never share a connection inside a transaction. commit() and
-                    # rollback() wake the waiters; a failover or cancel() ending it
-                    # does not, hence the periodic re-check.
-                    self._wait(deadline, recheck=_RECHECK)
-                    continue
-                if (
-                    self._maxage is not None
-                    and below_max
-                    and self._too_old(shared.con, time.monotonic())
-                ):
-                    # Always in use, it is never idle at a checkout to be replaced: share
-                    # it no more, and let its last share return it (to be recycled). Only
-                    # while a replacement can be opened at once: at maxconnections, the
-                    # checkout would wait for every share of it, perhaps its own thread's.
-                    self._shared_cache.remove(shared)
-                    shared.retired = True
-                    continue
-                shared.share()
-                break
+            try:
+                shared, con = self._claim_shared(self._deadline(), since)
+            finally:
+                self._count_wait(since)
             next(self._taken)
         if shared is not None:
             shared.con._ping_check()
@@ -731,6 +717,54 @@ class PooledDB(fork.ProcessBound):
             if self._waiting:
                 self._wake()
         return self._shared_proxy(shared)
+
+    def _claim_shared(
+        self, deadline: float | None, since: list[float]
+    ) -> tuple[SharedDBConnection | None, SteadyDBConnection | None]:
+        """(Lock held) A share of a shared connection, or a slot for a new one and the
+        idle connection to make it from (None: open one), waiting as the pool allows."""
+        while True:
+            while (
+                not self._shared_cache
+                and self._maxconnections
+                and self._connections >= self._maxconnections
+            ):
+                self._wait(deadline, since)
+            below_max = not self._maxconnections or self._connections < self._maxconnections
+            if below_max and len(self._shared_cache) + self._shared_pending < self._maxshared:
+                self._connections += 1
+                self._shared_pending += 1
+                return None, self._idle.popleft() if self._idle else None
+            if not self._shared_cache:
+                # Full only of connections being opened: wait for one to share.
+                self._wait(deadline, since, opening=self._shared_pending > 0)
+                continue
+            self._shared_cache.sort()  # least shared first
+            shared = self._shared_cache[0]
+            if shared.con._transaction:
+                # Never share a connection inside a transaction. commit() and rollback()
+                # wake the waiters; a failover or cancel() ending it does not, hence the
+                # periodic re-check.
+                busy = (
+                    f"all {len(self._shared_cache)} shared connections"
+                    f" (maxshared={self._maxshared}) are in a transaction"
+                )
+                self._wait(deadline, since, recheck=_RECHECK, busy=busy)
+                continue
+            if (
+                self._maxage is not None
+                and below_max
+                and self._too_old(shared.con, time.monotonic())
+            ):
+                # Always in use, it is never idle at a checkout to be replaced: share it no
+                # more, and let its last share return it (to be recycled). Only while a
+                # replacement can be opened at once: at maxconnections, the checkout would
+                # wait for every share of it, perhaps its own thread's.
+                self._shared_cache.remove(shared)
+                shared.retired = True
+                continue
+            shared.share()
+            return shared, None
 
     def _shared_proxy(self, shared: SharedDBConnection) -> PooledSharedDBConnection:
         proxy = PooledSharedDBConnection(self, shared)

@@ -156,6 +156,54 @@ def test_a_blocking_pool_gives_up_after_maxwait() -> None:
     pool.connection().close()
 
 
+@pytest.mark.parametrize(
+    ("options", "hold", "take"),
+    [
+        ({"maxconnections": 1}, "connection", "connection"),
+        ({"maxconnections": 1, "maxshared": 1}, "connection", "dedicated_connection"),
+        ({"maxconnections": 1, "maxshared": 1}, "dedicated_connection", "connection"),
+        ({"maxshared": 1}, "begin", "connection"),  # the only shared one is in a transaction
+    ],
+    ids=["slot", "dedicated while shared", "shared while dedicated", "shared transaction"],
+)
+def test_waits_are_counted_once_per_checkout_that_waited(
+    options: dict[str, int], hold: str, take: str
+) -> None:
+    for blocking in (False, True):
+        pool = PooledDB(fakedb, blocking=blocking, **options)
+        if hold == "begin":
+            held = pool.connection()
+            held.begin()
+            release = held.commit
+        else:
+            held = getattr(pool, hold)()
+            release = held.close
+        if not blocking:
+            with pytest.raises(forksafe.TooManyConnectionsError):
+                getattr(pool, take)()
+            assert pool.stats()["waits"] == 0  # refused at once: no wait
+            release()
+            continue
+        threading.Timer(0.3, release).start()
+        getattr(pool, take)().close()
+        stats = pool.stats()
+        assert stats["waits"] == 1
+        assert 250 <= stats["wait_ms"] < 5000
+
+
+def test_a_refusal_for_a_shared_connection_in_a_transaction_says_so() -> None:
+    pool = PooledDB(fakedb, maxshared=1)  # no maxconnections, not blocking
+    held = pool.connection()
+    held.begin()
+    with pytest.raises(forksafe.TooManyConnectionsError) as refused:
+        pool.connection()
+    message = str(refused.value)
+    assert "maxshared=1" in message and "in a transaction" in message
+    assert "maxconnections=0" not in message
+    held.rollback()
+    pool.connection().close()
+
+
 def test_pool_timeout_is_a_too_many_connections_error() -> None:
     assert issubclass(forksafe.PoolTimeoutError, forksafe.TooManyConnectionsError)
 
