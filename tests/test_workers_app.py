@@ -49,6 +49,11 @@ def fail_oddly():
     raise Unbuildable(1, 2)
 
 @app.task
+def exits(message):
+    import sys
+    sys.exit(message)
+
+@app.task
 def returns_date():
     return datetime.date(2020, 1, 1)
 
@@ -174,6 +179,19 @@ def test_results_exceptions_and_retries_come_back_from_a_worker(tasks, tmp_path:
 
     assert flaky.get(timeout=5) == 3
     assert (tmp_path / "attempts").read_text() == "xxx"
+
+
+@pytest.mark.timeout(60)
+def test_a_task_that_exits_fails_with_a_task_error_not_system_exit(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    exited = tasks.exits.delay("negative input")
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "1")
+    assert exited.failed()
+    with pytest.raises(TaskError, match="SystemExit: negative input") as caught:
+        exited.get(timeout=5)  # SystemExit here would end the calling program
+    assert caught.value.exc_type == "SystemExit"
+    assert "sys.exit(message)" in (caught.value.remote_traceback or "")
+    returned = exited.get(propagate=False)
+    assert isinstance(returned, TaskError) and isinstance(exited.result, TaskError)
 
 
 def test_waiting_for_many_results_in_turn_reads_them_in_batches(  # type: ignore[no-untyped-def]

@@ -210,7 +210,10 @@ class AsyncResult(Generic[R]):
         forever if ``None``). On failure, with ``propagate`` the task's exception is
         re-raised (same type when it can be rebuilt, else
         :class:`~workers.errors.TaskError`) with the worker's traceback attached as
-        ``remote_traceback``; without it the exception is returned.
+        ``remote_traceback``; without it the exception is returned. A task that ended
+        with an exception that is not an :class:`Exception` (``sys.exit()``,
+        ``KeyboardInterrupt``) always comes back as a ``TaskError`` naming it, so that it
+        does not end the calling program.
         A revoked or expired job raises :class:`~workers.errors.JobRevoked` or
         :class:`~workers.errors.JobExpired` (returns ``None`` without ``propagate``).
         """
