@@ -17,6 +17,7 @@ from workers import App, AsyncResult, states
 from workers.app import TaskOptions
 from workers.errors import (
     BrokerURLError,
+    InvalidOptionError,
     JobExpired,
     JobRevoked,
     ResultTimeout,
@@ -307,6 +308,19 @@ def test_task_options_are_checked_when_declared(tmp_path: Path) -> None:
 
         @app.task(name="same")
         def two() -> None: ...
+
+
+def test_lease_seconds_is_checked_and_sets_the_heartbeat_interval(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    assert App(url).heartbeat_interval == 15  # workers beat every second anyway
+    assert App(url, lease_seconds=0.5).heartbeat_interval == 0.125
+    for bad in (0, -1, 0.1, "soon", None, float("nan")):
+        with pytest.raises(InvalidOptionError, match=f"lease_seconds={bad!r} must be"):
+            App(url, lease_seconds=bad)  # type: ignore[arg-type]
+    app = App(url)
+    with pytest.raises(InvalidOptionError, match="lease_seconds=0 must be"):
+        app.lease_seconds = 0
+    assert app.lease_seconds == 60
 
 
 def test_retry_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from workers.brokers.base import DEFAULT_URL, Broker, NewJob, create_broker, parse_url
-from workers.errors import TaskRegistrationError
+from workers.errors import InvalidOptionError, TaskRegistrationError
 from workers.serializers import Serializer, dump_call, get_serializer
 
 if TYPE_CHECKING:
@@ -41,6 +41,14 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_QUEUE = "default"
+
+HEARTBEATS_PER_LEASE = 4
+"""Workers extend their leases at least this often per ``lease_seconds`` (and at least
+once a second), so that a heartbeat or two that come late lose no lease."""
+
+MIN_LEASE_SECONDS = 0.2
+"""The shortest ``lease_seconds``: heartbeats more often than every 50 ms would load
+the broker for little."""
 
 _current_app: App | None = None
 
@@ -61,7 +69,10 @@ class App:
     producers only (see :mod:`workers.serializers`). ``result_expires`` is how many
     seconds finished successful jobs are kept (failed ones are kept until purged).
     ``lease_seconds`` is how long a claimed job stays with a silent worker before it
-    goes back to the queue.
+    goes back to the queue (at least 0.2). Workers extend the leases of the jobs they
+    hold every second, or every quarter of ``lease_seconds`` if that is shorter
+    (:attr:`heartbeat_interval`), so a short lease costs more heartbeats but never lets
+    a job that is still running go to another worker.
     """
 
     def __init__(
@@ -96,6 +107,31 @@ class App:
 
     def __repr__(self) -> str:
         return f"<App broker={self.broker_url} tasks={sorted(self.tasks)}>"
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claimed job stays with a silent worker (checked when set)."""
+        return self._lease_seconds
+
+    @lease_seconds.setter
+    def lease_seconds(self, value: float) -> None:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = float("nan")
+        if isinstance(value, bool) or not seconds >= MIN_LEASE_SECONDS:
+            raise InvalidOptionError(
+                f"lease_seconds={value!r} must be a number of seconds >= {MIN_LEASE_SECONDS:g}; "
+                f"workers heartbeat every lease_seconds / {HEARTBEATS_PER_LEASE}, and a lease "
+                f"is how long a job of a lost worker waits to run again"
+            )
+        self._lease_seconds = seconds
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """The longest time between two lease extensions of a worker that respects the
+        lease: a quarter of :attr:`lease_seconds` (workers also beat at least every second)."""
+        return self._lease_seconds / HEARTBEATS_PER_LEASE
 
     @property
     def broker(self) -> Broker:
