@@ -60,6 +60,15 @@ def test_submit_wait_prints_the_result(tmp_path: Path, tasks_path: Path, run_wor
     assert "FAILURE" in failed.stderr and "ValueError: boom" in failed.stderr
 
 
+def test_submit_wait_that_times_out_exits_4_naming_the_job(
+    tmp_path: Path, tasks_path: Path
+) -> None:
+    late = forksafe(tmp_path, "submit", "tasks.py", "add", "2", "3", "--wait", "--timeout", "0.2")
+    assert late.returncode == 4, late.stderr  # not 2, bad input: no worker ran it in time
+    (job,) = load_tasks(tasks_path).app.broker.jobs(None, 10)
+    assert f"ResultTimeout: job {job.id} is still PENDING after 0.2 s" in late.stderr
+
+
 def test_submit_without_wait_prints_the_job_id_and_kwargs_are_json(
     tmp_path: Path, tasks_path: Path
 ) -> None:
