@@ -182,6 +182,18 @@ def test_status_shows_live_workers_with_pid_jobs_and_pool_stats(  # type: ignore
         (["run", "tasks.py", "--broker", "sqlit:///x.db"], "did you mean 'sqlite'"),
         (["submit", "tasks.py", "nope"], "no task named 'nope' in tasks.py (known: add, fail)"),
         (["submit", "tasks.py", "add", "-k", "oops"], "must look like NAME=VALUE"),
+        (
+            ["run", "tasks.py", "--burst", "--graceful-timeout", "-5"],
+            "argument --graceful-timeout: -5 must be 0 or more seconds",
+        ),
+        (
+            ["run", "tasks.py", "--burst", "--max-memory-per-child", "-1"],
+            "argument --max-memory-per-child: -1 must be above 0",
+        ),
+        (
+            ["run", "tasks.py", "--burst", "--max-memory-per-child", "nan"],
+            "argument --max-memory-per-child: nan must be above 0",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(

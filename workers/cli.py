@@ -96,6 +96,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forksafe",
@@ -135,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--max-memory-per-child",
-        type=float,
+        type=_positive_number,
         default=None,
         metavar="MIB",
         help="replace a worker whose RSS exceeds this many MiB (between jobs)",
     )
     run.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=_seconds,
         default=30.0,
         metavar="SECONDS",
         help="on TERM/INT, running jobs get this long before they are killed "
