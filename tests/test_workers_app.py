@@ -142,6 +142,35 @@ def test_map_submits_every_call_in_one_transaction(tasks, tmp_path: Path) -> Non
     assert db_rows(tmp_path, "SELECT count(*) FROM forksafe_jobs") == [(100,)]
 
 
+def test_submission_options_and_arguments_of_the_wrong_kind_are_refused_naming_them(tasks) -> None:  # type: ignore[no-untyped-def]
+    for options, message in [
+        ({"countdown": "soon"}, "countdown='soon' must be a number: seconds"),
+        ({"countdown": float("nan")}, "countdown=nan must be a number"),
+        ({"eta": "tomorrow"}, "eta='tomorrow' must be a number: a datetime or a Unix time"),
+        ({"expires": [60]}, "expires=[60] must be a number"),
+        ({"priority": "high"}, "priority='high' must be a whole number"),
+        ({"priority": 2.5}, "priority=2.5 must be a whole number"),
+    ]:
+        with pytest.raises(InvalidOptionError) as caught:
+            tasks.add.apply_async((1, 2), **options)
+        assert message in str(caught.value)
+    for args, kwargs, message in [
+        ("12", None, "args='12' must be a list or tuple of positional arguments, not str"),
+        (b"12", None, "args=b'12' must be a list or tuple"),
+        (12, None, "args=12 must be a list or tuple"),
+        ({1, 2}, None, "args={1, 2} must be a list or tuple"),
+        ((1,), [("y", 2)], "kwargs=[('y', 2)] must be a mapping"),
+    ]:
+        with pytest.raises(InvalidOptionError) as caught:
+            tasks.add.apply_async(args, kwargs)
+        assert message in str(caught.value)
+    with pytest.raises(InvalidOptionError, match="args='12' must be"):
+        tasks.app.send("add", "12")
+    assert tasks.app.broker.jobs(None, 10) == []  # nothing was submitted
+    fine = tasks.add.apply_async([1], {"y": 2}, countdown="5", priority="3", job_id="fine")
+    assert fine.state == states.SCHEDULED and tasks.app.broker.fetch("fine").priority == 3
+
+
 def test_unserialisable_argument_is_refused_naming_the_argument_and_the_fix(tasks) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SerializationError) as caught:
         tasks.add.delay(1, dt.datetime(2020, 1, 1))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import random
 import time
@@ -276,8 +277,10 @@ class App:
         expires_option = options.get("expires")
         if isinstance(expires_option, dt.datetime):
             expires: float | None = expires_option.timestamp()
+        elif expires_option is not None:
+            expires = now + _seconds("expires", expires_option, "seconds from now or a datetime")
         else:
-            expires = _eta(None, expires_option, now)
+            expires = None
         task_options = task.options if task is not None else TaskOptions(queue=self.default_queue)
         priority = options.get("priority")
         return NewJob(
@@ -286,7 +289,7 @@ class App:
             queue=str(options.get("queue") or task_options.queue),
             payload=payload,
             serializer=self.serializer.name,
-            priority=int(task_options.priority if priority is None else priority),
+            priority=task_options.priority if priority is None else _priority(priority),
             eta=eta,
             expires_at=expires,
         )
@@ -298,8 +301,13 @@ class App:
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> AsyncResult[Any]:
-        """Submit a job by task name (the task need not be defined in this process)."""
-        return self.submit_many([Call(task_name, tuple(args), dict(kwargs or {}), options)])[0]
+        """Submit a job by task name (the task need not be defined in this process).
+
+        ``args`` is a list or tuple and ``kwargs`` a mapping, else
+        :class:`~workers.errors.InvalidOptionError` is raised.
+        """
+        args, kwargs = _call_arguments(args, kwargs)
+        return self.submit_many([Call(task_name, tuple(args), dict(kwargs), options)])[0]
 
     def AsyncResult(self, job_id: str) -> AsyncResult[Any]:
         """A result handle for ``job_id`` bound to this App."""
@@ -312,10 +320,56 @@ def _eta(eta: Any, countdown: Any, now: float) -> float | None:
     if eta is not None:
         if isinstance(eta, dt.datetime):
             return eta.timestamp()
-        return float(eta)
+        return _seconds("eta", eta, "a datetime or a Unix time")
     if countdown is not None:
-        return now + float(countdown)
+        return now + _seconds("countdown", countdown, "seconds")
     return None
+
+
+def _seconds(name: str, value: Any, wanted: str) -> float:
+    """``value`` of the submission option ``name`` as a float, or
+    :class:`InvalidOptionError` naming both."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds):
+        raise InvalidOptionError(f"{name}={value!r} must be a number: {wanted}")
+    return seconds
+
+
+def _priority(value: Any) -> int:
+    try:
+        priority = int(value)
+    except (TypeError, ValueError, OverflowError):
+        priority = None
+    if (
+        priority is None
+        or isinstance(value, bool)
+        or (isinstance(value, float) and value != priority)
+    ):
+        raise InvalidOptionError(
+            f"priority={value!r} must be a whole number (higher runs first), e.g. priority=5"
+        )
+    return priority
+
+
+def _call_arguments(args: Any, kwargs: Any) -> tuple[Sequence[Any], Mapping[str, Any]]:
+    """``(args, kwargs)`` of a submission, checked: a str is a sequence too, and
+    ``apply_async("12")`` would call the task with ``"1", "2"``."""
+    if isinstance(args, (str, bytes, bytearray)) or not isinstance(args, Sequence):
+        raise InvalidOptionError(
+            f"args={args!r} must be a list or tuple of positional arguments, "
+            f"not {type(args).__name__}; for one argument write args=({args!r},)"
+        )
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping):
+        raise InvalidOptionError(
+            f"kwargs={kwargs!r} must be a mapping (a dict) of keyword arguments, "
+            f"not {type(kwargs).__name__}"
+        )
+    return args, kwargs
 
 
 @dataclass(frozen=True)
@@ -419,9 +473,12 @@ class Task(Generic[P, R]):
         worker started it by then. Higher ``priority`` runs first. Submitting the same
         ``job_id`` twice creates one job: the second call returns the first job's
         handle. Raises :class:`~workers.errors.SerializationError` naming the argument
-        the serializer cannot carry.
+        the serializer cannot carry, and :class:`~workers.errors.InvalidOptionError`
+        naming an option of the wrong kind (``args`` not a list or tuple, ``kwargs`` not
+        a mapping, ``countdown="soon"``, ...).
         """
-        call = self.s(*args, **dict(kwargs or {})).with_options(
+        args, kwargs = _call_arguments(args, kwargs)
+        call = self.s(*args, **kwargs).with_options(
             countdown=countdown,
             eta=eta,
             expires=expires,
