@@ -3,13 +3,16 @@
 ``broker_url(kind, tmp_path, request)`` gives a URL to an empty queue: a new SQLite
 file, or the xdist worker's database on the shared server with the queue tables
 dropped. ``table_rows(url, sql)`` runs SQL on the queue's database, whatever it is;
-``job(id)`` builds a job to submit.
+``job(id)`` builds a job to submit. A :class:`Relay` stands between a broker and its
+server, and ``cut()`` makes the server unreachable through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +114,56 @@ def table_rows(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[A
         return rows
     finally:
         con.close()
+
+
+class Relay:
+    """A TCP relay from a port of its own on 127.0.0.1 to a harness database's server.
+
+    ``url`` reaches the database through it; :meth:`cut` makes the server unreachable
+    there, as if it went away: open connections are closed and new ones refused.
+    """
+
+    def __init__(self, database: Any) -> None:
+        kwargs = database.kwargs
+        host, port = str(kwargs.get("host") or ""), kwargs.get("port")
+        if not port or host.startswith("/") or kwargs.get("unix_socket"):
+            pytest.skip(f"{database!r} is reached through a Unix socket, not TCP")
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        relayed = dict(kwargs, host="127.0.0.1", port=self._listener.getsockname()[1])
+        self.url = str(type(database)(database.kind, database.name, relayed, None).dsn)
+        threading.Thread(target=self._accept, name="relay", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                return  # cut
+            server.settimeout(None)
+            with self._lock:
+                self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        """Refuse new connections and close the open ones."""
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()

@@ -2,7 +2,8 @@
 
 Each test runs against a throwaway server this module owns (``owned_postgres`` /
 ``owned_mysql``), so it may restart it or kill its sessions. Hosts are simulated by
-several ``forksafe run`` processes, each with its own ``--hostname``.
+several ``forksafe run`` processes, each with its own ``--hostname``. A client cut off
+from the shared servers by a :class:`~brokers.Relay` needs no server of its own.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import fresh_queue, server_url, table_rows
+from brokers import Relay, fresh_queue, server_url, table_rows
 from test_workers_harness import FORKSAFE, load_tasks, wait_until
 
-from workers import states
+from workers import App, states
 from workers.brokers import create_broker
+from workers.errors import ResultTimeout
 
 pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
 
@@ -225,3 +227,22 @@ def test_killing_every_session_mid_run_loses_no_job(  # type: ignore[no-untyped-
 
     fleet = run_through_a_fault(server, tmp_path, run_workers, kill_sessions_three_times)
     assert_logged_once(fleet, faults=3)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_get_gives_up_at_its_timeout_while_the_server_is_unreachable(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    database = request.getfixturevalue(kind)
+    fresh_queue(request, database)
+    relay = Relay(database)
+    request.addfinalizer(relay.cut)
+    app = App(relay.url + ("&" if "?" in relay.url else "?") + "retry_for=5")
+    result = app.send("add", queue="nobody")
+    assert result.state == states.PENDING
+    relay.cut()  # the server goes away while the caller waits
+    started = time.monotonic()
+    with pytest.raises(ResultTimeout, match=f"job {result.id} could not be read within 1 s"):
+        result.get(timeout=1)  # not after retry_for
+    assert time.monotonic() - started < 2.5

@@ -17,6 +17,7 @@ from workers import App, AsyncResult, states
 from workers.app import TaskOptions
 from workers.errors import (
     BrokerURLError,
+    InvalidOptionError,
     JobExpired,
     JobRevoked,
     ResultTimeout,
@@ -47,6 +48,11 @@ def fail(message):
 @app.task
 def fail_oddly():
     raise Unbuildable(1, 2)
+
+@app.task
+def exits(message):
+    import sys
+    sys.exit(message)
 
 @app.task
 def returns_date():
@@ -136,6 +142,35 @@ def test_map_submits_every_call_in_one_transaction(tasks, tmp_path: Path) -> Non
     assert db_rows(tmp_path, "SELECT count(*) FROM forksafe_jobs") == [(100,)]
 
 
+def test_submission_options_and_arguments_of_the_wrong_kind_are_refused_naming_them(tasks) -> None:  # type: ignore[no-untyped-def]
+    for options, message in [
+        ({"countdown": "soon"}, "countdown='soon' must be a number: seconds"),
+        ({"countdown": float("nan")}, "countdown=nan must be a number"),
+        ({"eta": "tomorrow"}, "eta='tomorrow' must be a number: a datetime or a Unix time"),
+        ({"expires": [60]}, "expires=[60] must be a number"),
+        ({"priority": "high"}, "priority='high' must be a whole number"),
+        ({"priority": 2.5}, "priority=2.5 must be a whole number"),
+    ]:
+        with pytest.raises(InvalidOptionError) as caught:
+            tasks.add.apply_async((1, 2), **options)
+        assert message in str(caught.value)
+    for args, kwargs, message in [
+        ("12", None, "args='12' must be a list or tuple of positional arguments, not str"),
+        (b"12", None, "args=b'12' must be a list or tuple"),
+        (12, None, "args=12 must be a list or tuple"),
+        ({1, 2}, None, "args={1, 2} must be a list or tuple"),
+        ((1,), [("y", 2)], "kwargs=[('y', 2)] must be a mapping"),
+    ]:
+        with pytest.raises(InvalidOptionError) as caught:
+            tasks.add.apply_async(args, kwargs)
+        assert message in str(caught.value)
+    with pytest.raises(InvalidOptionError, match="args='12' must be"):
+        tasks.app.send("add", "12")
+    assert tasks.app.broker.jobs(None, 10) == []  # nothing was submitted
+    fine = tasks.add.apply_async([1], {"y": 2}, countdown="5", priority="3", job_id="fine")
+    assert fine.state == states.SCHEDULED and tasks.app.broker.fetch("fine").priority == 3
+
+
 def test_unserialisable_argument_is_refused_naming_the_argument_and_the_fix(tasks) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SerializationError) as caught:
         tasks.add.delay(1, dt.datetime(2020, 1, 1))
@@ -174,6 +209,19 @@ def test_results_exceptions_and_retries_come_back_from_a_worker(tasks, tmp_path:
 
     assert flaky.get(timeout=5) == 3
     assert (tmp_path / "attempts").read_text() == "xxx"
+
+
+@pytest.mark.timeout(60)
+def test_a_task_that_exits_fails_with_a_task_error_not_system_exit(tasks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    exited = tasks.exits.delay("negative input")
+    burst(tmp_path, tmp_path / "tasks.py", "--workers", "1")
+    assert exited.failed()
+    with pytest.raises(TaskError, match="SystemExit: negative input") as caught:
+        exited.get(timeout=5)  # SystemExit here would end the calling program
+    assert caught.value.exc_type == "SystemExit"
+    assert "sys.exit(message)" in (caught.value.remote_traceback or "")
+    returned = exited.get(propagate=False)
+    assert isinstance(returned, TaskError) and isinstance(exited.result, TaskError)
 
 
 def test_waiting_for_many_results_in_turn_reads_them_in_batches(  # type: ignore[no-untyped-def]
@@ -289,6 +337,19 @@ def test_task_options_are_checked_when_declared(tmp_path: Path) -> None:
 
         @app.task(name="same")
         def two() -> None: ...
+
+
+def test_lease_seconds_is_checked_and_sets_the_heartbeat_interval(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    assert App(url).heartbeat_interval == 15  # workers beat every second anyway
+    assert App(url, lease_seconds=0.5).heartbeat_interval == 0.125
+    for bad in (0, -1, 0.1, "soon", None, float("nan")):
+        with pytest.raises(InvalidOptionError, match=f"lease_seconds={bad!r} must be"):
+            App(url, lease_seconds=bad)  # type: ignore[arg-type]
+    app = App(url)
+    with pytest.raises(InvalidOptionError, match="lease_seconds=0 must be"):
+        app.lease_seconds = 0
+    assert app.lease_seconds == 60
 
 
 def test_retry_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:

@@ -60,6 +60,15 @@ def test_submit_wait_prints_the_result(tmp_path: Path, tasks_path: Path, run_wor
     assert "FAILURE" in failed.stderr and "ValueError: boom" in failed.stderr
 
 
+def test_submit_wait_that_times_out_exits_4_naming_the_job(
+    tmp_path: Path, tasks_path: Path
+) -> None:
+    late = forksafe(tmp_path, "submit", "tasks.py", "add", "2", "3", "--wait", "--timeout", "0.2")
+    assert late.returncode == 4, late.stderr  # not 2, bad input: no worker ran it in time
+    (job,) = load_tasks(tasks_path).app.broker.jobs(None, 10)
+    assert f"ResultTimeout: job {job.id} is still PENDING after 0.2 s" in late.stderr
+
+
 def test_submit_without_wait_prints_the_job_id_and_kwargs_are_json(
     tmp_path: Path, tasks_path: Path
 ) -> None:
@@ -173,6 +182,18 @@ def test_status_shows_live_workers_with_pid_jobs_and_pool_stats(  # type: ignore
         (["run", "tasks.py", "--broker", "sqlit:///x.db"], "did you mean 'sqlite'"),
         (["submit", "tasks.py", "nope"], "no task named 'nope' in tasks.py (known: add, fail)"),
         (["submit", "tasks.py", "add", "-k", "oops"], "must look like NAME=VALUE"),
+        (
+            ["run", "tasks.py", "--burst", "--graceful-timeout", "-5"],
+            "argument --graceful-timeout: -5 must be 0 or more seconds",
+        ),
+        (
+            ["run", "tasks.py", "--burst", "--max-memory-per-child", "-1"],
+            "argument --max-memory-per-child: -1 must be above 0",
+        ),
+        (
+            ["run", "tasks.py", "--burst", "--max-memory-per-child", "nan"],
+            "argument --max-memory-per-child: nan must be above 0",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(

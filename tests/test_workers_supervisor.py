@@ -27,6 +27,12 @@ def record(i, path):
     return i
 
 @app.task
+def record_then_nap(i, path, seconds):
+    record(i, path)
+    time.sleep(seconds)
+    return i
+
+@app.task
 def nap(seconds, marker=None):
     if marker:
         open(marker, "w").close()
@@ -104,6 +110,24 @@ def test_2000_jobs_through_3_workers_each_succeed_exactly_once(tasks: Any, tmp_p
     assert sorted(i for i, _ in ran) == list(range(2000))  # each ran exactly once
     assert len({pid for _, pid in ran}) == 3
     assert [r.get(timeout=1) for r in results[:5]] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.timeout(60)
+def test_a_short_lease_stays_with_the_worker_running_its_job(tmp_path: Path, run_workers) -> None:  # type: ignore[no-untyped-def]
+    # Heartbeats once a second would let a 0.5 s lease lapse between them; a sweep then
+    # (here the test's, as another supervisor's would) puts the running job back in the
+    # queue and the other worker runs it too.
+    path = write_tasks(tmp_path, TASKS + "\napp.lease_seconds = 0.5\n", name="short_lease.py")
+    tasks = load_tasks(path)
+    out = tmp_path / "runs.txt"
+    job = tasks.record_then_nap.delay(7, str(out), 2)
+    run_workers(path, "--workers", "2")
+    wait_until(out.exists, 20, "the job to start")
+    while not job.ready():
+        tasks.app.broker.sweep(tasks.app.max_deliveries, time.time())
+        time.sleep(0.05)  # sweeping often: any lapse of the lease is seen
+    assert job.get(timeout=5) == 7
+    assert [i for i, _ in executions(out)] == [7]  # once
 
 
 @pytest.mark.timeout(60)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import random
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from workers.brokers.base import DEFAULT_URL, Broker, NewJob, create_broker, parse_url
-from workers.errors import TaskRegistrationError
+from workers.errors import InvalidOptionError, TaskRegistrationError
 from workers.serializers import Serializer, dump_call, get_serializer
 
 if TYPE_CHECKING:
@@ -41,6 +42,14 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_QUEUE = "default"
+
+HEARTBEATS_PER_LEASE = 4
+"""Workers extend their leases at least this often per ``lease_seconds`` (and at least
+once a second), so that a heartbeat or two that come late lose no lease."""
+
+MIN_LEASE_SECONDS = 0.2
+"""The shortest ``lease_seconds``: heartbeats more often than every 50 ms would load
+the broker for little."""
 
 _current_app: App | None = None
 
@@ -61,7 +70,10 @@ class App:
     producers only (see :mod:`workers.serializers`). ``result_expires`` is how many
     seconds finished successful jobs are kept (failed ones are kept until purged).
     ``lease_seconds`` is how long a claimed job stays with a silent worker before it
-    goes back to the queue.
+    goes back to the queue (at least 0.2). Workers extend the leases of the jobs they
+    hold every second, or every quarter of ``lease_seconds`` if that is shorter
+    (:attr:`heartbeat_interval`), so a short lease costs more heartbeats but never lets
+    a job that is still running go to another worker.
     """
 
     def __init__(
@@ -96,6 +108,31 @@ class App:
 
     def __repr__(self) -> str:
         return f"<App broker={self.broker_url} tasks={sorted(self.tasks)}>"
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claimed job stays with a silent worker (checked when set)."""
+        return self._lease_seconds
+
+    @lease_seconds.setter
+    def lease_seconds(self, value: float) -> None:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = float("nan")
+        if isinstance(value, bool) or not seconds >= MIN_LEASE_SECONDS:
+            raise InvalidOptionError(
+                f"lease_seconds={value!r} must be a number of seconds >= {MIN_LEASE_SECONDS:g}; "
+                f"workers heartbeat every lease_seconds / {HEARTBEATS_PER_LEASE}, and a lease "
+                f"is how long a job of a lost worker waits to run again"
+            )
+        self._lease_seconds = seconds
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """The longest time between two lease extensions of a worker that respects the
+        lease: a quarter of :attr:`lease_seconds` (workers also beat at least every second)."""
+        return self._lease_seconds / HEARTBEATS_PER_LEASE
 
     @property
     def broker(self) -> Broker:
@@ -240,8 +277,10 @@ class App:
         expires_option = options.get("expires")
         if isinstance(expires_option, dt.datetime):
             expires: float | None = expires_option.timestamp()
+        elif expires_option is not None:
+            expires = now + _seconds("expires", expires_option, "seconds from now or a datetime")
         else:
-            expires = _eta(None, expires_option, now)
+            expires = None
         task_options = task.options if task is not None else TaskOptions(queue=self.default_queue)
         priority = options.get("priority")
         return NewJob(
@@ -250,7 +289,7 @@ class App:
             queue=str(options.get("queue") or task_options.queue),
             payload=payload,
             serializer=self.serializer.name,
-            priority=int(task_options.priority if priority is None else priority),
+            priority=task_options.priority if priority is None else _priority(priority),
             eta=eta,
             expires_at=expires,
         )
@@ -262,8 +301,13 @@ class App:
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> AsyncResult[Any]:
-        """Submit a job by task name (the task need not be defined in this process)."""
-        return self.submit_many([Call(task_name, tuple(args), dict(kwargs or {}), options)])[0]
+        """Submit a job by task name (the task need not be defined in this process).
+
+        ``args`` is a list or tuple and ``kwargs`` a mapping, else
+        :class:`~workers.errors.InvalidOptionError` is raised.
+        """
+        args, kwargs = _call_arguments(args, kwargs)
+        return self.submit_many([Call(task_name, tuple(args), dict(kwargs), options)])[0]
 
     def AsyncResult(self, job_id: str) -> AsyncResult[Any]:
         """A result handle for ``job_id`` bound to this App."""
@@ -276,10 +320,56 @@ def _eta(eta: Any, countdown: Any, now: float) -> float | None:
     if eta is not None:
         if isinstance(eta, dt.datetime):
             return eta.timestamp()
-        return float(eta)
+        return _seconds("eta", eta, "a datetime or a Unix time")
     if countdown is not None:
-        return now + float(countdown)
+        return now + _seconds("countdown", countdown, "seconds")
     return None
+
+
+def _seconds(name: str, value: Any, wanted: str) -> float:
+    """``value`` of the submission option ``name`` as a float, or
+    :class:`InvalidOptionError` naming both."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds):
+        raise InvalidOptionError(f"{name}={value!r} must be a number: {wanted}")
+    return seconds
+
+
+def _priority(value: Any) -> int:
+    try:
+        priority = int(value)
+    except (TypeError, ValueError, OverflowError):
+        priority = None
+    if (
+        priority is None
+        or isinstance(value, bool)
+        or (isinstance(value, float) and value != priority)
+    ):
+        raise InvalidOptionError(
+            f"priority={value!r} must be a whole number (higher runs first), e.g. priority=5"
+        )
+    return priority
+
+
+def _call_arguments(args: Any, kwargs: Any) -> tuple[Sequence[Any], Mapping[str, Any]]:
+    """``(args, kwargs)`` of a submission, checked: a str is a sequence too, and
+    ``apply_async("12")`` would call the task with ``"1", "2"``."""
+    if isinstance(args, (str, bytes, bytearray)) or not isinstance(args, Sequence):
+        raise InvalidOptionError(
+            f"args={args!r} must be a list or tuple of positional arguments, "
+            f"not {type(args).__name__}; for one argument write args=({args!r},)"
+        )
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping):
+        raise InvalidOptionError(
+            f"kwargs={kwargs!r} must be a mapping (a dict) of keyword arguments, "
+            f"not {type(kwargs).__name__}"
+        )
+    return args, kwargs
 
 
 @dataclass(frozen=True)
@@ -383,9 +473,12 @@ class Task(Generic[P, R]):
         worker started it by then. Higher ``priority`` runs first. Submitting the same
         ``job_id`` twice creates one job: the second call returns the first job's
         handle. Raises :class:`~workers.errors.SerializationError` naming the argument
-        the serializer cannot carry.
+        the serializer cannot carry, and :class:`~workers.errors.InvalidOptionError`
+        naming an option of the wrong kind (``args`` not a list or tuple, ``kwargs`` not
+        a mapping, ``countdown="soon"``, ...).
         """
-        call = self.s(*args, **dict(kwargs or {})).with_options(
+        args, kwargs = _call_arguments(args, kwargs)
+        call = self.s(*args, **kwargs).with_options(
             countdown=countdown,
             eta=eta,
             expires=expires,

@@ -13,7 +13,8 @@
 The broker is ``--broker URL``, else the App's (for commands given a tasks file),
 else ``FORKSAFE_BROKER``, else ``sqlite:///forksafe.db``. Exit codes: 0 success, 1 a
 job failed or was not found, 2 bad input (the message says what and how to fix it),
-3 the workers crash-looped.
+3 the workers crash-looped, 4 ``submit --wait --timeout`` ran out of time (the job
+stays in the queue; the message names it).
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from typing import Any
 from workers import states
 from workers.app import App
 from workers.brokers.base import DEFAULT_URL, Broker, JobRecord, create_broker
-from workers.errors import BrokerError, CrashLoopError, WorkersError
+from workers.errors import BrokerError, CrashLoopError, ResultTimeout, WorkersError
 from workers.loader import load_app
 from workers.supervisor import Supervisor, SupervisorConfig
 from workers.worker import WorkerConfig
 
 log = logging.getLogger("workers.cli")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CRASH_LOOP = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CRASH_LOOP, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 
 FINISHED = [states.SUCCESS, states.FAILURE, states.REVOKED, states.EXPIRED]
 
@@ -95,6 +96,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forksafe",
@@ -134,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--max-memory-per-child",
-        type=float,
+        type=_positive_number,
         default=None,
         metavar="MIB",
         help="replace a worker whose RSS exceeds this many MiB (between jobs)",
     )
     run.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=_seconds,
         default=30.0,
         metavar="SECONDS",
         help="on TERM/INT, running jobs get this long before they are killed "
@@ -186,7 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--queue")
     submit.add_argument("--job-id")
     submit.add_argument("--wait", action="store_true", help="wait and print the result")
-    submit.add_argument("--timeout", type=float, default=None)
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --wait, give up after this long and exit 4 (default: wait forever)",
+    )
     _add_log_options(submit)
 
     status = commands.add_parser("status", help="workers, queue depth by state, pool stats")
@@ -244,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CrashLoopError as exc:
         log.critical("%s", exc)
         return EXIT_CRASH_LOOP
+    except ResultTimeout as exc:
+        print(f"forksafe {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
     except WorkersError as exc:
         print(f"forksafe {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

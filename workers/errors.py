@@ -32,6 +32,12 @@ class UnknownTaskError(WorkersError, LookupError):
     """A job names a task the App does not have; the job is failed, the worker carries on."""
 
 
+class InvalidOptionError(WorkersError, ValueError, TypeError):
+    """An option of the App or of a submission has a value it cannot take
+    (``lease_seconds=0``, ``countdown="soon"``, ...); the message names the option and
+    the value. Both a ``ValueError`` and a ``TypeError``, like the errors it replaces."""
+
+
 class TaskRegistrationError(WorkersError, ValueError):
     """A task was declared wrongly (duplicate name, bad option)."""
 

@@ -4,6 +4,10 @@ A failure is stored as JSON: ``{"type": "module.QualName", "message": str(exc),
 "args": [...]}`` plus the traceback text. :func:`rebuild` re-creates the original
 exception class when it can be imported here and accepts the recorded arguments;
 otherwise it returns a :class:`~workers.errors.TaskError` carrying the same facts.
+A recorded exception that is not an :class:`Exception` (``SystemExit`` from a task
+that called ``sys.exit()``, ``KeyboardInterrupt``, ...) is always returned as a
+:class:`~workers.errors.TaskError`: raised again in the caller, it would end the
+caller's program instead of reporting the job's failure.
 Either way the worker's traceback text is attached as ``remote_traceback``.
 """
 
@@ -46,13 +50,13 @@ def format_traceback(exc: BaseException, skip: int = 0) -> str:
     return "".join(traceback_module.format_exception(type(exc), exc, tb))
 
 
-def rebuild(error: Mapping[str, Any], remote_traceback: str | None) -> BaseException:
+def rebuild(error: Mapping[str, Any], remote_traceback: str | None) -> Exception:
     """The exception to raise for a recorded failure (never raises itself)."""
     type_name = str(error.get("type", "Exception"))
     message = str(error.get("message", ""))
     cls = _import_exception_class(type_name)
-    exc: BaseException
-    if cls is None:
+    exc: Exception
+    if cls is None or not issubclass(cls, Exception):
         exc = TaskError(type_name, message, remote_traceback)
     else:
         try:

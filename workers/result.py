@@ -11,20 +11,23 @@ thousand results in turn then costs a few reads, not a thousand.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from workers import states
 from workers.app import App, current_app
 from workers.brokers.base import JobRecord
+from workers.brokers.server import BrokerUnavailableError
 from workers.errors import JobExpired, JobRevoked, ResultTimeout, WorkersError
 from workers.failures import rebuild
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class _Unfinished:
@@ -207,17 +210,21 @@ class AsyncResult(Generic[R]):
         Polls the broker, waking up early on any change it can see (every
         millisecond at first, backing off to at most ``interval`` seconds between reads).
         Raises :class:`~workers.errors.ResultTimeout` after ``timeout`` seconds (wait
-        forever if ``None``). On failure, with ``propagate`` the task's exception is
-        re-raised (same type when it can be rebuilt, else
+        forever if ``None``), also while the broker's database is unreachable: the
+        broker's retries end at the timeout. On failure, with ``propagate`` the task's
+        exception is re-raised (same type when it can be rebuilt, else
         :class:`~workers.errors.TaskError`) with the worker's traceback attached as
-        ``remote_traceback``; without it the exception is returned.
+        ``remote_traceback``; without it the exception is returned. A task that ended
+        with an exception that is not an :class:`Exception` (``sys.exit()``,
+        ``KeyboardInterrupt``) always comes back as a ``TaskError`` naming it, so that it
+        does not end the calling program.
         A revoked or expired job raises :class:`~workers.errors.JobRevoked` or
         :class:`~workers.errors.JobExpired` (returns ``None`` without ``propagate``).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
         while True:
-            record = self._record()
+            record = self._bounded(self._record, deadline, timeout)
             if record is not None and record.state in states.READY_STATES:
                 return self._outcome(record, propagate)  # type: ignore[no-any-return]
             if deadline is not None:
@@ -230,8 +237,27 @@ class AsyncResult(Generic[R]):
                     )
                 pause = min(pause, remaining)
             # Returns early when the broker sees a commit (SQLite data_version, ...).
-            self.app.broker.wait(pause)
+            self._bounded(functools.partial(self.app.broker.wait, pause), deadline, timeout)
             pause = min(pause * 2, interval)
+
+    def _bounded(self, read: Callable[[], T], deadline: float | None, timeout: float | None) -> T:
+        """``read()``, whose broker calls give up retrying an unreachable database at
+        ``deadline`` (a monotonic time), raising :class:`ResultTimeout` then."""
+        if deadline is None:
+            return read()
+        try:
+            with self.app.broker.patience(deadline - time.monotonic()):
+                return read()
+        except BrokerUnavailableError as exc:
+            if time.monotonic() < deadline:
+                raise  # gave up sooner: retry_for is shorter than the timeout
+            cause = exc.__cause__ or exc
+            first_line = (str(cause).strip().splitlines() or [""])[0]
+            raise ResultTimeout(
+                f"job {self.id} could not be read within {timeout} s: the broker "
+                f"{self.app.broker.url.masked()} is unreachable ({type(cause).__name__}: "
+                f"{first_line}); wait longer (get(timeout=...)) or check the server"
+            ) from exc
 
     def _outcome(self, record: JobRecord, propagate: bool) -> Any:
         if record.state == states.SUCCESS:

@@ -30,7 +30,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
 
@@ -282,7 +282,7 @@ class Supervisor:
         nonce = os.urandom(4).hex()
         process = self._context.Process(
             target=worker_main,
-            args=(self.app, self.config.worker, slot, nonce, self.pid),
+            args=(self.app, self._worker_config(), slot, nonce, self.pid),
             name=f"forksafe-worker-{nonce}",
         )
         process.start()
@@ -290,6 +290,14 @@ class Supervisor:
         self.workers[handle.pid] = handle
         log.debug("started worker %d", handle.pid)
         return handle
+
+    def _worker_config(self) -> WorkerConfig:
+        """The workers' config, heartbeating often enough for the App's lease (which a
+        reload may have changed)."""
+        config = self.config.worker
+        if self.app.heartbeat_interval < config.heartbeat_interval:
+            return replace(config, heartbeat_interval=self.app.heartbeat_interval)
+        return config
 
     def manage_workers(self) -> None:
         """Start or retire workers until as many as asked for are running."""

@@ -147,6 +147,8 @@ class WorkerConfig:
     """Resident set size in MiB after which the worker is replaced (checked between jobs)."""
     burst: bool = False
     heartbeat_interval: float = 1.0
+    """Seconds between lease extensions; the supervisor lowers it to the App's
+    ``heartbeat_interval`` (a quarter of ``lease_seconds``) when that is shorter."""
     idle_wait: float = 0.25
 
 

@@ -518,6 +518,17 @@ class Broker(ABC):
         """
         return nullcontext()
 
+    def patience(self, seconds: float) -> AbstractContextManager[None]:
+        """A context in which this thread's operations stop retrying an unreachable
+        database ``seconds`` from now, if that comes before they would otherwise give up.
+
+        :meth:`AsyncResult.get(timeout=...) <workers.result.AsyncResult.get>` reads in
+        one, so that an outage cannot make it wait past its timeout. Brokers that retry
+        during outages (see :mod:`workers.brokers.server`) then raise
+        ``BrokerUnavailableError`` once the time is up; the default does nothing.
+        """
+        return nullcontext()
+
     def stats(self) -> dict[str, Any]:
         """The broker's connection pool counters, if its pool keeps any."""
         return {}

@@ -25,9 +25,10 @@ What happens to each operation during an outage:
   for); after that, it is retried like the others:
 * ``record``, ``enqueue`` and the reads are retried for up to
   ``retry_for`` seconds (URL option, default 60), then raise
-  :class:`BrokerUnavailableError`. A worker that cannot record an outcome dies; its
-  job runs again once its lease runs out (the outcome of the first run is dropped by
-  the lease check if it does arrive).
+  :class:`BrokerUnavailableError`; sooner in a :meth:`ServerBroker.patience` block
+  (``AsyncResult.get(timeout=...)`` reads in one, and gives up at its timeout). A
+  worker that cannot record an outcome dies; its job runs again once its lease runs
+  out (the outcome of the first run is dropped by the lease check if it does arrive).
 
 A claim whose commit may or may not have reached the server cannot be retried
 safely, nor forgotten (the worker's heartbeat would extend those leases forever):
@@ -139,6 +140,7 @@ class ServerBroker(Broker):
         self._reached = False  # whether this broker ever reached its server
         self._unsure: list[tuple[str, str]] = []  # (worker, lease) of claims in doubt
         self._held = threading.local()  # pid, con: the connection hold_connection() keeps
+        self._patience = threading.local()  # until: the monotonic time patience() set
 
     # -- connections --------------------------------------------------------------
 
@@ -254,6 +256,16 @@ class ServerBroker(Broker):
 
     # -- outages ------------------------------------------------------------------
 
+    @contextmanager
+    def patience(self, seconds: float) -> Iterator[None]:
+        until = time.monotonic() + max(0.0, seconds)
+        outer = getattr(self._patience, "until", None)
+        self._patience.until = until if outer is None else min(outer, until)
+        try:
+            yield
+        finally:
+            self._patience.until = outer
+
     def _log_level(self) -> int:
         return logging.WARNING if os.getpid() == self._owner_pid else logging.DEBUG
 
@@ -291,11 +303,13 @@ class ServerBroker(Broker):
     ) -> T:
         """Run ``work(connection)``; on a transient error retry (``retry``) or return ``default``.
 
-        Retries stop after ``patience`` (default ``retry_for``) seconds with
+        Retries stop after ``patience`` (default ``retry_for``) seconds, or at the end
+        of this thread's :meth:`patience` block if that comes first, with
         :class:`BrokerUnavailableError`. A deadlock victim is always retried.
         """
         if patience is None:
             patience = self.retry_for
+        until: float | None = getattr(self._patience, "until", None)
         deadline: float | None = None
         pause = FIRST_PAUSE
         while True:
@@ -314,8 +328,10 @@ class ServerBroker(Broker):
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + patience
+                    if until is not None and until < deadline:
+                        deadline, patience = until, max(0.0, until - now)
                 if now >= deadline and (retry or not disconnect):
-                    waited = f"for {patience:g} s " if patience else ""
+                    waited = f"for {patience:.3g} s " if patience else ""
                     raise BrokerUnavailableError(
                         f"the broker {self.label} {self.url.masked()} could not be used "
                         f"{waited}({type(exc).__name__}: {_first_line(exc)}); check "
@@ -325,7 +341,7 @@ class ServerBroker(Broker):
                     self._lost(exc)
                     if not retry:
                         return default
-                time.sleep(pause if disconnect else pause / 4)
+                time.sleep(min(pause if disconnect else pause / 4, deadline - now))
                 pause = min(pause * 2, MAX_PAUSE)
                 continue
             self._reached = True
