@@ -3,9 +3,10 @@
 ``os.register_at_fork`` is called once, at import. Fork-aware objects (pools, shelves of
 idle connections) register themselves in a weak set and implement three methods:
 
-``_fork_prepare()``
+``_fork_prepare(blocking)``
     runs in the parent just before fork: take the object's lock, so that no thread is
-    half-way through changing its bookkeeping when the address space is copied;
+    half-way through changing its bookkeeping when the address space is copied; return
+    False if ``blocking`` is false and the lock is taken;
 ``_fork_parent()``
     runs in the parent after fork: release that lock;
 ``_fork_child()``
@@ -33,6 +34,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -147,7 +149,7 @@ def note_process(pid: int | None = None) -> bool:
 class ForkAware(Protocol):
     """What the fork hooks call on a registered object."""
 
-    def _fork_prepare(self) -> None: ...
+    def _fork_prepare(self, blocking: bool) -> bool: ...
 
     def _fork_parent(self) -> None: ...
 
@@ -165,8 +167,8 @@ class ProcessBound:
 
     _pid: int
 
-    def _fork_prepare(self) -> None:
-        pass
+    def _fork_prepare(self, blocking: bool) -> bool:
+        return True
 
     def _fork_parent(self) -> None:
         pass
@@ -254,10 +256,23 @@ def _prepare() -> None:
     lock.acquire()
     _prepared_lock = lock
     # Pools never hold their lock during I/O, so each acquire below waits only for
-    # another thread's bookkeeping to finish.
-    for obj in _snapshot():
-        obj._fork_prepare()
-        _prepared.append(obj)
+    # another thread's bookkeeping to finish. Only while holding none: a finaliser run by
+    # the collector inside one pool's critical section takes another pool's lock (a
+    # connection dropped without close() returns itself), so holding one lock while
+    # waiting for the next could wait forever. Take all or none, and try again.
+    objs = _snapshot()
+    pause = 0.0001
+    while True:
+        for obj in objs:
+            if not obj._fork_prepare(not _prepared):
+                break
+            _prepared.append(obj)
+        else:
+            break
+        while _prepared:
+            _prepared.pop()._fork_parent()
+        time.sleep(pause)
+        pause = min(2 * pause, 0.01)
     with suppress(Exception):  # without it, the child reads the socket table itself
         drivers.flatten()
 

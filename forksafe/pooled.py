@@ -407,12 +407,12 @@ class PooledDB(fork.ProcessBound):
             log.warning("%s", message)
             warnings.warn(message, ManyPoolsWarning, stacklevel=3)
 
-    def _fork_prepare(self) -> None:
+    def _fork_prepare(self, blocking: bool) -> bool:
         if self._pid != fork.getpid():
             # Inherited through a fork that ran no hook, and not used since: the mutex
             # is the parent's copy, perhaps taken by a thread this process does not have.
             self._checkpid()
-        self._mutex.acquire()
+        return self._mutex.acquire(blocking)
 
     def _fork_parent(self) -> None:
         self._mutex.release()

@@ -295,6 +295,54 @@ def test_without_wiped_pages_the_fork_hook_still_makes_connections_refuse() -> N
     assert done.stdout.strip() == "ok"
 
 
+_FINALISER_TAKES_ANOTHER_POOLS_LOCK = """
+import os, sys, threading, time
+sys.path[:0] = [{tests!r}]
+import fakedb, forksafe
+
+first, second = forksafe.PooledDB(fakedb, leaktime=60), forksafe.PooledDB(
+    fakedb, leaktime=60, database="other"
+)
+x, y = [p for p in forksafe.fork._snapshot() if p in (first, second)]  # the hook's order
+dropped = [x.connection()]  # returned by its finaliser, which takes x's lock
+forked = threading.Event()
+
+def forker():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    forked.set()
+
+def holder():
+    # Like the collector running inside y's critical section: while holding y's lock,
+    # drop x's connection, once the forking thread has taken x's lock.
+    with y._mutex:
+        threading.Thread(target=forker, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while x._mutex.acquire(blocking=False):
+            x._mutex.release()
+            if time.monotonic() > deadline:
+                raise SystemExit("the fork hook never took the first pool's lock")
+        dropped.clear()
+
+threading.Thread(target=holder, daemon=True).start()
+print("forked" if forked.wait(20) else "deadlock", flush=True)
+os._exit(0)
+"""
+
+
+def test_fork_while_a_finaliser_takes_another_pools_lock_never_deadlocks() -> None:
+    """The prepare hook takes every pool's lock; a dropped connection's finaliser, run
+    while its thread holds one pool's lock, takes its own pool's: the hook must not hold
+    one lock while it waits for another."""
+    script = _FINALISER_TAKES_ANOTHER_POOLS_LOCK.format(tests=str(HERE))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=HERE
+    )
+    assert done.stdout.strip() == "forked", done.stdout + done.stderr
+
+
 _SQLITE_CHILD_EXITS = """
 import sqlite3, sys
 sys.path[:0] = [{tests!r}]
