@@ -29,6 +29,7 @@ import ctypes
 import operator
 import os
 import select
+import weakref
 from array import array
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -163,8 +164,13 @@ def discard(*cons: Any) -> None:
                 con.close()
 
 
-def track(con: Any) -> None:
-    """Remember the socket of ``con``, a driver connection, for :func:`blind_inherited`."""
+def track(con: Any, until_freed: bool = False) -> None:
+    """Remember the socket of ``con``, a driver connection, for :func:`blind_inherited`.
+
+    Whoever closes ``con`` calls :func:`untrack`; with ``until_freed``, for connections
+    closed by code that does not, the entry goes when ``con`` is freed (if the driver's
+    connections take weak references; otherwise when its id is reused).
+    """
     global _flat
     fd = socket_fd(con)
     if fd is None:
@@ -175,9 +181,21 @@ def track(con: Any) -> None:
     except OSError:
         untrack(con)
         return
-    _sockets[id(con)] = (fd, inode)
+    key = id(con)
+    _sockets[key] = (fd, inode)
     _flat = None
     _devnull()  # open now, for the fork hook of a child
+    if until_freed:
+        with suppress(TypeError):  # no weak references
+            weakref.finalize(con, _forget, key, (fd, inode))
+
+
+def _forget(key: int, entry: tuple[int, int]) -> None:
+    """Drop the table entry of a freed connection, unless another took its place."""
+    global _flat
+    if _sockets.get(key) == entry:
+        del _sockets[key]
+        _flat = None
 
 
 def untrack(con: Any) -> tuple[int, int] | None:

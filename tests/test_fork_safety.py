@@ -8,6 +8,7 @@ are gone once they exit.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -619,6 +620,19 @@ def test_the_fork_hook_opens_dev_null_again_when_its_descriptor_was_taken(
         drivers.untrack(sock)
         sock.close()
         peer.close()
+
+
+def test_a_connection_tracked_until_freed_leaves_the_socket_table_when_freed() -> None:
+    """For connections closed by code that never untracks them (Django's)."""
+    sock, peer = socket.socketpair()
+    drivers.track(sock, until_freed=True)
+    key = id(sock)
+    assert key in drivers._sockets
+    sock.close()
+    del sock
+    gc.collect()
+    peer.close()
+    assert key not in drivers._sockets
 
 
 def test_blinded_descriptors_are_not_inherited_by_programs_the_child_runs() -> None:

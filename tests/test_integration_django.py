@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -113,6 +114,13 @@ def sessions_before(db: Any) -> set[int]:
     return server_sessions(db)
 
 
+def _inode(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return None
+
+
 def backend_pid() -> int:
     from django.db import connection
 
@@ -125,22 +133,29 @@ def backend_pid() -> int:
 def test_django_child_gets_its_own_session_and_parent_keeps_its_own(
     django_db: Any, how: str
 ) -> None:
+    from django.db import connection
+
     from forksafe.integrations import reset_after_fork
 
     parent = backend_pid()
+    socket_inode = os.fstat(connection.connection.fileno()).st_ino
 
-    def child() -> int:
+    def child() -> tuple[int, int]:
         from django.db import connections
 
         if how != "os.fork":
             reset_after_fork()  # what the uWSGI/gunicorn/Celery hooks call
+        # The parent's socket is closed here, not merely left unused: open in a child,
+        # it would keep the parent's session alive on the server past the parent's death.
+        still_open = sum(1 for fd in os.listdir("/proc/self/fd") if _inode(int(fd)) == socket_inode)
         session = backend_pid()
         connections.close_all()  # closes the child's own session only
         gc.collect()
-        return session
+        return session, still_open
 
     # (os._exit: under pytest, sys.exit in a forked child would unwind into pytest itself.)
-    child_session = fork_child(child, raw=how != "os.fork")
+    child_session, still_open = fork_child(child, raw=how != "os.fork")
+    assert still_open == 0
     assert child_session != parent
     assert backend_pid() == parent
     assert parent in server_sessions(django_db)

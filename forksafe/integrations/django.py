@@ -87,6 +87,10 @@ def detach_connections(just_forked: bool = False) -> int:
 
 def _mark_owner(sender: Any, connection: Any, **kwargs: Any) -> None:
     connection._forksafe_pid = os.getpid()
+    # In forksafe's socket table, a forked child's hook points the socket at /dev/null
+    # and detach_connections() then closes it: kept open in the child instead, it would
+    # keep the parent's session alive on the server after the parent died.
+    drivers.track(connection.connection, until_freed=True)
 
 
 def _forget(wrapper: Any) -> None:
