@@ -107,6 +107,22 @@ def test_2000_jobs_through_3_workers_each_succeed_exactly_once(tasks: Any, tmp_p
 
 
 @pytest.mark.timeout(60)
+def test_an_outcome_is_recorded_while_a_slow_job_of_its_batch_runs(  # type: ignore[no-untyped-def]
+    tasks: Any, tmp_path: Path, run_workers
+) -> None:
+    marker = tmp_path / "started"
+    quick, slow = tasks.app.submit_many(
+        [tasks.pid.s().with_options(priority=1), tasks.nap.s(60, str(marker))]
+    )
+    run_workers(tmp_path / "tasks.py", "--workers", "1")  # claims both in one batch
+    wait_until(marker.exists, 20, "the slow job to start")
+    finished = time.monotonic()
+    wait_until(lambda: quick.state == states.SUCCESS, 2, "the quick job's outcome")
+    assert time.monotonic() - finished < 1  # written within about OUTCOME_FLUSH_SECONDS
+    assert slow.state == states.STARTED
+
+
+@pytest.mark.timeout(60)
 def test_graceful_term_lets_running_jobs_finish(tasks: Any, tmp_path: Path, run_workers) -> None:  # type: ignore[no-untyped-def]
     markers = [tmp_path / f"started-{i}" for i in range(2)]
     jobs = [tasks.nap.delay(1.0, str(m)) for m in markers]
