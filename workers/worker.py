@@ -314,10 +314,12 @@ class Worker:
         while self._held:
             if self.stopping.is_set():
                 break
-            job = self._held[0]
+            job = self._held.pop(0)  # started: never given back as if it had not
             started = time.monotonic()
-            outcome = self.execute(job)
-            self._held.pop(0)
+            try:
+                outcome = self.execute(job)
+            except BaseException as exc:  # outside the task: its payload, its result...
+                outcome = self._broken(job, exc)
             self.jobs_done += 1
             self._finish((job, outcome, time.monotonic() - started))
 
@@ -433,7 +435,12 @@ class Worker:
     # -- one job ------------------------------------------------------------------
 
     def execute(self, job: ClaimedJob) -> Outcome:
-        """Run one claimed job and describe how it ended (never raises for a task's error)."""
+        """Run one claimed job and describe how it ended (never raises for a task's error).
+
+        Whatever the task raises is its failure, :class:`BaseException` included (a
+        ``CancelledError``, a ``KeyboardInterrupt`` of its own): the worker's stop
+        signals set :attr:`stopping` and never raise inside a task.
+        """
         try:
             task, args, kwargs = self._decode(job)
         except WorkersError as exc:
@@ -457,7 +464,7 @@ class Worker:
                 self._in_task = False
                 if options.soft_time_limit:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:
             return self._failed(job, task, exc)
         finally:
             self.slot.end()
@@ -505,6 +512,12 @@ class Worker:
                 f"that defines it or fix the name"
             )
         return task, call["args"], call["kwargs"]
+
+    def _broken(self, job: ClaimedJob, exc: BaseException) -> Outcome:
+        """The failure of a job whose run raised ``exc`` outside its task's code."""
+        return Outcome(
+            job.id, job.lease, states.FAILURE, error=describe(exc), traceback=format_traceback(exc)
+        )
 
     def _failed(self, job: ClaimedJob, task: Task[Any, Any], exc: BaseException) -> Outcome:
         options = task.options
