@@ -259,6 +259,23 @@ def test_hard_time_limit_kills_the_worker_and_records_the_failure(  # type: igno
 
 
 @pytest.mark.timeout(60)
+def test_jobs_prefetched_by_a_worker_killed_for_its_time_limit_go_back_uncounted(  # type: ignore[no-untyped-def]
+    tmp_path: Path, run_workers
+) -> None:
+    path = write_tasks(tmp_path, TASKS + "\napp.max_deliveries = 1\n")
+    tasks = load_tasks(path)
+    hung, waiting = tasks.app.submit_many(
+        [tasks.hang.s(str(tmp_path / "started")).with_options(priority=1), tasks.version.s()]
+    )
+    run_workers(path, "--workers", "1")  # claims both in one batch
+    with pytest.raises(TimeLimitExceeded):
+        hung.get(timeout=20)
+    assert waiting.get(timeout=20) == 1  # not failed as if it had killed a worker
+    record = tasks.app.broker.fetch(waiting.id)
+    assert record.deliveries == 1 and tasks.app.broker.fetch(hung.id).deliveries == 1
+
+
+@pytest.mark.timeout(60)
 def test_soft_time_limit_raises_inside_the_task(tasks: Any, tmp_path: Path) -> None:
     caught = tasks.cleans_up.delay()
     uncaught = tasks.ignores_soft_limit.delay()

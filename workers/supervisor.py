@@ -367,9 +367,13 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[pid]
+            running = handle.slot.running()  # its other jobs never started
             try:
                 released = self.app.broker.release_lost(
-                    handle.id, self.app.max_deliveries, time.time()
+                    handle.id,
+                    self.app.max_deliveries,
+                    time.time(),
+                    running=running[0] if running else None,
                 )
                 self.app.broker.remove_worker(handle.id)
             except Exception:

@@ -441,9 +441,13 @@ class Worker:
         ``CancelledError``, a ``KeyboardInterrupt`` of its own): the worker's stop
         signals set :attr:`stopping` and never raise inside a task.
         """
+        self.slot.begin(job, None)  # started: its delivery counts should the worker die
         try:
             task, args, kwargs = self._decode(job)
-        except WorkersError as exc:
+        except BaseException as exc:
+            self.slot.end()
+            if not isinstance(exc, WorkersError):
+                raise
             return Outcome(
                 job.id,
                 job.lease,
@@ -452,7 +456,8 @@ class Worker:
                 traceback=format_traceback(exc),
             )
         options = task.options
-        self.slot.begin(job, options.time_limit)
+        if options.time_limit:
+            self.slot.begin(job, options.time_limit)
         self._current = f"{job.task}[{job.id}]"
         try:
             if options.soft_time_limit:
@@ -603,7 +608,13 @@ class Worker:
                 self._flush()  # the outcomes of the jobs it finished
             except Exception:
                 log.exception("worker %d could not write its last outcomes", self.pid)
-            broker.release_lost(self.id, self.app.max_deliveries, time.time())
+            running = self.slot.running()
+            broker.release_lost(
+                self.id,
+                self.app.max_deliveries,
+                time.time(),
+                running=running[0] if running else None,
+            )
             broker.remove_worker(self.id)
         finally:
             os._exit(EXIT_ORPHANED)
