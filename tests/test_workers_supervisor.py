@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_workers_harness import alive, burst, load_tasks, queue_rows, wait_until, write_tasks
+from test_workers_harness import (
+    alive,
+    burst,
+    load_tasks,
+    queue_rows,
+    queue_url,
+    wait_until,
+    write_tasks,
+)
 
 from workers import states
 from workers.errors import SoftTimeLimitExceeded, TimeLimitExceeded
@@ -178,6 +186,22 @@ def test_hup_reloads_changed_code_and_replaces_every_worker(  # type: ignore[no-
         "two new workers and no old one",
     )
     assert tasks.version.delay().get(timeout=20) == 2
+
+
+@pytest.mark.timeout(60)
+def test_hup_keeps_the_broker_given_on_the_command_line(  # type: ignore[no-untyped-def]
+    tmp_path: Path, run_workers
+) -> None:
+    path = write_tasks(tmp_path, TASKS)
+    tasks = load_tasks(path)  # submits to this test's queue
+    url = queue_url(tmp_path)
+    path.write_text(path.read_text().replace(repr(url), repr(f"sqlite:///{tmp_path}/other.db")))
+    run = run_workers(path, "--workers", "1", "--broker", url)
+    old = run.wait_for_workers(1)
+    assert tasks.version.delay().get(timeout=20) == 1
+    run.signal(signal.SIGHUP)
+    wait_until(lambda: run.workers() and not set(run.workers()) & set(old), 20, "a new worker")
+    assert tasks.version.delay().get(timeout=10) == 1
 
 
 @pytest.mark.timeout(60)

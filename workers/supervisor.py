@@ -74,6 +74,9 @@ class SupervisorConfig:
     tick: float = 0.1
     sweep_interval: float = 1.0
     expire_interval: float = 60.0
+    broker: str | None = None
+    """The broker URL given on the command line, which overrides the App's (also after
+    a ``SIGHUP`` reload)."""
 
 
 @dataclass
@@ -236,6 +239,8 @@ class Supervisor:
         except WorkersError as exc:
             log.error("reload failed; the running workers keep the old code:\n%s", exc)
             return
+        if self.config.broker:
+            app.set_broker(self.config.broker)
         self.app = app
         self.app.broker  # noqa: B018 - schema check in the supervisor, before forking
         log.info(
