@@ -18,6 +18,8 @@ from brokers import KINDS, broker_url, job
 
 from workers import states
 from workers.brokers import Broker, Outcome, WorkerInfo, create_broker
+from workers.errors import WorkerLostError
+from workers.failures import rebuild
 
 
 @pytest.fixture(params=KINDS)
@@ -209,10 +211,29 @@ def test_a_lost_worker_gives_its_jobs_back_until_max_deliveries(broker: Broker) 
     for delivery in range(1, 4):
         (claimed,) = broker.claim("w", ["default"], 1, 30, now)
         assert claimed.deliveries == delivery
-        assert broker.release_lost("w", 3, now) == 1
+        assert broker.release_lost("w", 3, now, running="poison") == 1
     record = broker.fetch("poison")
     assert record is not None and record.state == states.FAILURE
     assert record.error is not None and record.error["type"].endswith("WorkerLostError")
+    exc = rebuild(record.error, record.traceback)  # with its message, as raised by get()
+    assert isinstance(exc, WorkerLostError)
+    assert str(exc) == "the worker running this job died 3 times"
+
+
+def test_a_lost_worker_counts_a_delivery_only_for_the_job_it_was_running(broker: Broker) -> None:
+    now = time.time()
+    broker.enqueue([job("running", priority=1), job("prefetched")], now)
+    for _ in range(3):
+        claimed = broker.claim("w", ["default"], 2, 30, now)
+        assert [(j.id, j.deliveries) for j in claimed][1] == ("prefetched", 1)
+        assert broker.release_lost("w", 3, now, running="running") == 2
+    failed, waiting = broker.fetch("running"), broker.fetch("prefetched")
+    assert failed is not None and failed.state == states.FAILURE and failed.deliveries == 3
+    assert waiting is not None and waiting.state == states.PENDING and waiting.deliveries == 0
+    broker.claim("w", ["default"], 2, 30, now)
+    assert broker.release_lost("w", 3, now, running=None) == 1  # between jobs
+    waiting = broker.fetch("prefetched")
+    assert waiting is not None and waiting.state == states.PENDING and waiting.deliveries == 0
 
 
 def test_released_unstarted_jobs_do_not_count_a_delivery(broker: Broker) -> None:

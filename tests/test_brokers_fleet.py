@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 from brokers import Relay, fresh_queue, server_url, table_rows
-from test_workers_harness import FORKSAFE, load_tasks, wait_until
+from test_workers_harness import FORKSAFE, alive, load_tasks, wait_until
 
 from workers import App, states
 from workers.brokers import create_broker
-from workers.errors import ResultTimeout
+from workers.errors import ResultTimeout, TimeLimitExceeded
 
 pytest_plugins = ["test_workers_harness"]  # the run_workers fixture
 
@@ -46,6 +46,11 @@ def record(i, path):
 @app.task
 def started_at():
     return time.time()
+
+@app.task(time_limit=1)
+def hang(marker):
+    open(marker, "w").close()
+    time.sleep(600)
 """
 
 
@@ -246,3 +251,32 @@ def test_get_gives_up_at_its_timeout_while_the_server_is_unreachable(
     with pytest.raises(ResultTimeout, match=f"job {result.id} could not be read within 1 s"):
         result.get(timeout=1)  # not after retry_for
     assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.timeout(120)
+def test_a_time_limit_passed_during_an_outage_kills_the_worker_and_the_supervisor_carries_on(  # type: ignore[no-untyped-def]
+    server: Any, tmp_path: Path, run_workers
+) -> None:
+    tasks = load_tasks(write_fleet_tasks(tmp_path, server_url(server, retry_for=1)))
+    marker = tmp_path / "started"
+    hung = tasks.hang.delay(str(marker))
+    run = run_workers(tmp_path / "tasks.py", "--workers", "1")
+    (worker,) = run.wait_for_workers(1, timeout=30)
+    wait_until(marker.exists, 20, "the job to start")
+    server.server.stop()
+    try:
+        wait_until(lambda: not alive(worker), 10, "the worker past its time limit to be killed")
+        wait_until(
+            lambda: "could not record the failure" in run.log or run.process.poll() is not None,
+            20,
+            "the supervisor to give up recording the failure",
+        )
+        assert run.process.poll() is None, run.log  # the supervisor carries on
+    finally:
+        server.server.start()
+    # The job goes back once its lease lapses, and its second run is recorded.
+    with pytest.raises(TimeLimitExceeded):
+        hung.get(timeout=30)
+    wait_until(lambda: run.log.count("killed by SIGKILL") == 2, 10, "the second worker reaped")
+    assert run.log.count("time limit 1 s exceeded") == 2  # each kill logged (recorded) once
+    assert run.process.poll() is None

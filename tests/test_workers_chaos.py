@@ -133,3 +133,50 @@ def add(x, y):
     assert fine.get(timeout=1) == 3
     assert poison.state == states.FAILURE
     assert poison.info is not None and "died 3 times" in poison.info["message"]
+
+
+def test_a_task_raising_a_base_exception_fails_its_job_and_its_batch_is_recorded(
+    tmp_path: Path,
+) -> None:
+    path = write_tasks(
+        tmp_path,
+        """
+import asyncio
+
+@app.task
+def record(i, path):
+    with open(path, "a") as log:
+        log.write(f"{i}\\n")
+    return i
+
+@app.task
+def interrupted():
+    raise KeyboardInterrupt("raised by the task")
+
+@app.task
+def cancelled():
+    async def request():
+        raise asyncio.CancelledError("request cancelled")
+    asyncio.run(request())
+""",
+    )
+    tasks = load_tasks(path)
+    out = tmp_path / "runs.txt"
+    before, interrupted, cancelled, after = tasks.app.submit_many(
+        [
+            tasks.record.s(0, str(out)).with_options(priority=3),
+            tasks.interrupted.s().with_options(priority=2),
+            tasks.cancelled.s().with_options(priority=1),
+            tasks.record.s(1, str(out)),
+        ]
+    )
+    burst(tmp_path, path, "--workers", "1")  # one batch; no worker crashes
+    assert (before.get(timeout=1), after.get(timeout=1)) == (0, 1)
+    assert out.read_text().split() == ["0", "1"]  # each ran once
+    for result, error_type in [
+        (interrupted, "KeyboardInterrupt"),
+        (cancelled, "asyncio.exceptions.CancelledError"),
+    ]:
+        record = tasks.app.broker.fetch(result.id)
+        assert (record.state, record.deliveries) == (states.FAILURE, 1)
+        assert record.error["type"] == error_type

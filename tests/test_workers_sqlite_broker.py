@@ -196,7 +196,7 @@ def test_a_lost_worker_gives_its_jobs_back_until_max_deliveries(tmp_path: Path) 
     for delivery in range(1, 4):
         (claimed,) = broker.claim("w", ["default"], 1, 30, now)
         assert claimed.deliveries == delivery
-        assert broker.release_lost("w", 3, now) == 1
+        assert broker.release_lost("w", 3, now, running="poison") == 1
     record = broker.fetch("poison")
     assert record is not None and record.state == states.FAILURE
     assert record.error is not None and record.error["type"].endswith("WorkerLostError")

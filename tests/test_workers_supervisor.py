@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_workers_harness import alive, burst, load_tasks, queue_rows, wait_until, write_tasks
+from test_workers_harness import (
+    alive,
+    burst,
+    load_tasks,
+    queue_rows,
+    queue_url,
+    wait_until,
+    write_tasks,
+)
 
 from workers import states
 from workers.errors import SoftTimeLimitExceeded, TimeLimitExceeded
@@ -131,6 +139,22 @@ def test_a_short_lease_stays_with_the_worker_running_its_job(tmp_path: Path, run
 
 
 @pytest.mark.timeout(60)
+def test_an_outcome_is_recorded_while_a_slow_job_of_its_batch_runs(  # type: ignore[no-untyped-def]
+    tasks: Any, tmp_path: Path, run_workers
+) -> None:
+    marker = tmp_path / "started"
+    quick, slow = tasks.app.submit_many(
+        [tasks.pid.s().with_options(priority=1), tasks.nap.s(60, str(marker))]
+    )
+    run_workers(tmp_path / "tasks.py", "--workers", "1")  # claims both in one batch
+    wait_until(marker.exists, 20, "the slow job to start")
+    finished = time.monotonic()
+    wait_until(lambda: quick.state == states.SUCCESS, 2, "the quick job's outcome")
+    assert time.monotonic() - finished < 1  # written within about OUTCOME_FLUSH_SECONDS
+    assert slow.state == states.STARTED
+
+
+@pytest.mark.timeout(60)
 def test_graceful_term_lets_running_jobs_finish(tasks: Any, tmp_path: Path, run_workers) -> None:  # type: ignore[no-untyped-def]
     markers = [tmp_path / f"started-{i}" for i in range(2)]
     jobs = [tasks.nap.delay(1.0, str(m)) for m in markers]
@@ -186,6 +210,22 @@ def test_hup_reloads_changed_code_and_replaces_every_worker(  # type: ignore[no-
         "two new workers and no old one",
     )
     assert tasks.version.delay().get(timeout=20) == 2
+
+
+@pytest.mark.timeout(60)
+def test_hup_keeps_the_broker_given_on_the_command_line(  # type: ignore[no-untyped-def]
+    tmp_path: Path, run_workers
+) -> None:
+    path = write_tasks(tmp_path, TASKS)
+    tasks = load_tasks(path)  # submits to this test's queue
+    url = queue_url(tmp_path)
+    path.write_text(path.read_text().replace(repr(url), repr(f"sqlite:///{tmp_path}/other.db")))
+    run = run_workers(path, "--workers", "1", "--broker", url)
+    old = run.wait_for_workers(1)
+    assert tasks.version.delay().get(timeout=20) == 1
+    run.signal(signal.SIGHUP)
+    wait_until(lambda: run.workers() and not set(run.workers()) & set(old), 20, "a new worker")
+    assert tasks.version.delay().get(timeout=10) == 1
 
 
 @pytest.mark.timeout(60)
@@ -264,6 +304,23 @@ def test_hard_time_limit_kills_the_worker_and_records_the_failure(  # type: igno
     wait_until(lambda: not alive(first), 10, "the stuck worker to be killed")
     assert tasks.version.delay().get(timeout=20) == 1  # a new worker carries on
     assert run.workers() != [first]
+
+
+@pytest.mark.timeout(60)
+def test_jobs_prefetched_by_a_worker_killed_for_its_time_limit_go_back_uncounted(  # type: ignore[no-untyped-def]
+    tmp_path: Path, run_workers
+) -> None:
+    path = write_tasks(tmp_path, TASKS + "\napp.max_deliveries = 1\n")
+    tasks = load_tasks(path)
+    hung, waiting = tasks.app.submit_many(
+        [tasks.hang.s(str(tmp_path / "started")).with_options(priority=1), tasks.version.s()]
+    )
+    run_workers(path, "--workers", "1")  # claims both in one batch
+    with pytest.raises(TimeLimitExceeded):
+        hung.get(timeout=20)
+    assert waiting.get(timeout=20) == 1  # not failed as if it had killed a worker
+    record = tasks.app.broker.fetch(waiting.id)
+    assert record.deliveries == 1 and tasks.app.broker.fetch(hung.id).deliveries == 1
 
 
 @pytest.mark.timeout(60)

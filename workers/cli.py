@@ -299,6 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = SupervisorConfig(
         target=args.target,
         workers=args.workers,
+        broker=args.broker,
         graceful_timeout=args.graceful_timeout,
         worker=WorkerConfig(
             queues=args.queues or (app.default_queue,),

@@ -74,6 +74,9 @@ class SupervisorConfig:
     tick: float = 0.1
     sweep_interval: float = 1.0
     expire_interval: float = 60.0
+    broker: str | None = None
+    """The broker URL given on the command line, which overrides the App's (also after
+    a ``SIGHUP`` reload)."""
 
 
 @dataclass
@@ -236,6 +239,8 @@ class Supervisor:
         except WorkersError as exc:
             log.error("reload failed; the running workers keep the old code:\n%s", exc)
             return
+        if self.config.broker:
+            app.set_broker(self.config.broker)
         self.app = app
         self.app.broker  # noqa: B018 - schema check in the supervisor, before forking
         log.info(
@@ -320,53 +325,84 @@ class Supervisor:
             os.kill(handle.pid, signum)
 
     def murder_workers(self) -> None:
-        """Kill each worker whose job passed its hard ``time_limit``; record the job."""
+        """Kill each worker whose job passed its hard ``time_limit``; record the job.
+
+        The worker is killed first: a broker that cannot be reached delays the record
+        only. A record that fails is logged, and the job left to :meth:`reap_workers`
+        or to the lease sweep, which put it back in the queue.
+        """
         now = time.time()
         for handle in list(self.workers.values()):
+            if handle.killed_by_us:
+                continue  # its slot still names the job until reap_workers collects it
             running = handle.slot.running()
             if running is None:
                 continue
             job_id, lease, task_name, started, limit = running
             if not limit or now - started <= limit:
                 continue
-            error = TimeLimitExceeded(
-                f"task {task_name}[{job_id}] ran longer than its time_limit of {limit:g} s "
-                f"and its worker {handle.pid} was killed; make it faster or raise time_limit"
-            )
-            task = self.app.tasks.get(task_name)
-            record = self.app.broker.fetch(job_id)
-            retries = record.retries if record is not None else 0
-            outcome = Outcome(
-                job_id,
-                lease,
-                states.FAILURE,
-                error=describe(error),
-                traceback=f"{type(error).__name__}: {error}\n",
-            )
-            if (
-                task is not None
-                and task.options.max_retries > retries
-                and isinstance(error, task.options.retry_for)
-            ):
-                outcome = Outcome(
+            handle.killed_by_us = True
+            self._kill(handle, signal.SIGKILL)
+            try:
+                state = self._record_time_limit(handle, job_id, lease, task_name, limit, now)
+            except Exception:
+                log.exception(
+                    "%s[%s]: time limit %g s exceeded; killed worker %d but could not record "
+                    "the failure; the job goes back to the queue",
+                    task_name,
                     job_id,
-                    lease,
-                    states.RETRY,
-                    error=outcome.error,
-                    traceback=outcome.traceback,
-                    retry_at=now + task.options.retry_delay(retries),
+                    limit,
+                    handle.pid,
                 )
-            self.app.broker.record([outcome], now)
+                continue
             log.error(
-                "%s[%s] %s: time limit %g s exceeded; killing worker %d",
+                "%s[%s] %s: time limit %g s exceeded; killed worker %d",
                 task_name,
                 job_id,
-                outcome.state,
+                state,
                 limit,
                 handle.pid,
             )
-            handle.killed_by_us = True
-            self._kill(handle, signal.SIGKILL)
+
+    def _record_time_limit(
+        self,
+        handle: WorkerHandle,
+        job_id: str,
+        lease: str,
+        task_name: str,
+        limit: float,
+        now: float,
+    ) -> str:
+        """Record the failure (or retry) of a job killed for its time limit; its state."""
+        error = TimeLimitExceeded(
+            f"task {task_name}[{job_id}] ran longer than its time_limit of {limit:g} s "
+            f"and its worker {handle.pid} was killed; make it faster or raise time_limit"
+        )
+        task = self.app.tasks.get(task_name)
+        record = self.app.broker.fetch(job_id)
+        retries = record.retries if record is not None else 0
+        outcome = Outcome(
+            job_id,
+            lease,
+            states.FAILURE,
+            error=describe(error),
+            traceback=f"{type(error).__name__}: {error}\n",
+        )
+        if (
+            task is not None
+            and task.options.max_retries > retries
+            and isinstance(error, task.options.retry_for)
+        ):
+            outcome = Outcome(
+                job_id,
+                lease,
+                states.RETRY,
+                error=outcome.error,
+                traceback=outcome.traceback,
+                retry_at=now + task.options.retry_delay(retries),
+            )
+        self.app.broker.record([outcome], now)
+        return outcome.state
 
     def reap_workers(self) -> None:
         """Collect dead children, give their jobs back, and judge how they died."""
@@ -375,9 +411,13 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[pid]
+            running = handle.slot.running()  # its other jobs never started
             try:
                 released = self.app.broker.release_lost(
-                    handle.id, self.app.max_deliveries, time.time()
+                    handle.id,
+                    self.app.max_deliveries,
+                    time.time(),
+                    running=running[0] if running else None,
                 )
                 self.app.broker.remove_worker(handle.id)
             except Exception:

@@ -4,7 +4,10 @@ Claim a batch of due jobs, run each, record each outcome under its lease, repeat
 The outcomes of a batch's last jobs are recorded together with the next claim
 (:meth:`~workers.brokers.base.Broker.record_and_claim`, one round trip on
 PostgreSQL), which follows at once: results are never held back while the worker
-waits or stops.
+waits or stops. While a batch runs, an outcome that has waited
+``OUTCOME_FLUSH_SECONDS`` is written by a background thread with the others then
+finished, so a slow job does not hold back the outcomes of those before it (nor
+lose them, should its worker be killed).
 A background thread heartbeats: it extends the leases of held jobs, reports the
 worker's row (jobs done, pool stats), and notices when the supervisor has died, in
 which case the worker gives its jobs back and exits, even from inside a task that
@@ -58,6 +61,9 @@ EXIT_ORPHANED = 71
 
 OUTCOME_FLUSH_SECONDS = 0.05
 """Outcomes of a prefetched batch are written together, but never held longer than this."""
+
+OUTCOME_RETRY_SECONDS = 1.0
+"""After a failed write of due outcomes, the writer thread tries again this much later."""
 
 Done = tuple[ClaimedJob, Outcome, float]
 """A finished job, how it ended and how long it ran (seconds)."""
@@ -193,6 +199,13 @@ class Worker:
         self._current: str | None = None
         self._held: list[ClaimedJob] = []
         self._finished = threading.Event()
+        # Finished jobs whose outcome is still to be written, shared by the loop and the
+        # outcome writer thread: whoever takes them (under the lock) writes them.
+        self._outcomes = threading.Condition(threading.Lock())
+        self._done: list[Done] = []
+        self._write_at = 0.0  # monotonic time by which the writer writes self._done
+        self._writing = True  # the writer thread runs until the loop ends
+        self._writer_idle = False  # it waits for a first outcome, without a timeout
         self._last_claim = 0.0
 
     # -- process setup ------------------------------------------------------------
@@ -225,16 +238,17 @@ class Worker:
         broker.report_worker(self._info())
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
+        writer = threading.Thread(target=self._writer_loop, name="outcomes", daemon=True)
+        writer.start()
         log.debug("worker %s serving queues %s", self.id, ",".join(self.config.queues))
         with broker.hold_connection():  # claims and waits on one session
-            self._loop(beat)
+            self._loop(beat, writer)
         return self.exit_code
 
-    def _loop(self, beat: threading.Thread) -> None:
-        """Claim, run and record until told to stop; then give back what is left and
-        wait for the heartbeat thread ``beat`` to end."""
+    def _loop(self, beat: threading.Thread, writer: threading.Thread) -> None:
+        """Claim, run and record until told to stop; then write the outcomes left, give
+        back the jobs left and wait for the ``beat`` and ``writer`` threads to end."""
         broker = self.app.broker
-        done: list[Done] = []  # finished, outcome not yet recorded
         drained = False  # the previous claim emptied the queue
         try:
             while not self.stopping.is_set():
@@ -248,7 +262,7 @@ class Worker:
                     self._gather()
                 now = time.time()
                 self._last_claim = time.monotonic()
-                recorded, done = done, []
+                recorded = self._take_outcomes()
                 limit = self._claim_limit()
                 stored, jobs = broker.record_and_claim(
                     [outcome for _, outcome, _ in recorded],
@@ -266,14 +280,18 @@ class Worker:
                         break
                     broker.wait(self.config.idle_wait)
                     continue
-                done = self._run_batch(jobs)
+                self._run_batch(jobs)
                 if self._should_recycle():
                     self.exit_code = EXIT_RECYCLE
                     break
         finally:
             self.stopping.set()
             try:
-                self._flush(done)
+                with self._outcomes:
+                    self._writing = False
+                    self._outcomes.notify()
+                writer.join()
+                self._flush()
             finally:
                 if self._held:
                     broker.release(self.id, [job.id for job in self._held], time.time())
@@ -290,30 +308,75 @@ class Worker:
         if pause > 0:
             time.sleep(pause)
 
-    def _run_batch(self, jobs: list[ClaimedJob]) -> list[Done]:
-        """Run claimed jobs in order until done or stopping; return those whose outcome
-        is still to be recorded (outcomes are flushed every ``OUTCOME_FLUSH_SECONDS``)."""
+    def _run_batch(self, jobs: list[ClaimedJob]) -> None:
+        """Run claimed jobs in order until done or stopping. Their outcomes wait in
+        ``self._done`` for the next claim, or for the writer thread once they have
+        waited ``OUTCOME_FLUSH_SECONDS``."""
         self._held = list(jobs)
-        done: list[Done] = []
-        last_flush = time.monotonic()
         while self._held:
             if self.stopping.is_set():
                 break
-            job = self._held[0]
+            job = self._held.pop(0)  # started: never given back as if it had not
             started = time.monotonic()
-            outcome = self.execute(job)
-            self._held.pop(0)
+            try:
+                outcome = self.execute(job)
+            except BaseException as exc:  # outside the task: its payload, its result...
+                outcome = self._broken(job, exc)
             self.jobs_done += 1
-            done.append((job, outcome, time.monotonic() - started))
-            if self._held and time.monotonic() - last_flush > OUTCOME_FLUSH_SECONDS:
-                self._flush(done)
-                done = []
-                last_flush = time.monotonic()
+            self._finish((job, outcome, time.monotonic() - started))
+
+    def _finish(self, done: Done) -> None:
+        """Add a finished job to those whose outcome is to be written."""
+        with self._outcomes:
+            if not self._done:
+                self._write_at = time.monotonic() + OUTCOME_FLUSH_SECONDS
+                if self._writer_idle:  # else it looks again by the time this one is due
+                    self._outcomes.notify()
+            self._done.append(done)
+
+    def _take_outcomes(self) -> list[Done]:
+        """The finished jobs whose outcome is to be written; the caller writes them."""
+        with self._outcomes:
+            done, self._done = self._done, []
         return done
 
-    def _flush(self, done: Sequence[Done]) -> None:
+    def _flush(self) -> None:
+        """Write the outcomes still to be written, now."""
+        self._write(self._take_outcomes())
+
+    def _write(self, done: Sequence[Done]) -> None:
         if done:
             self._recorded(done, self.app.broker.record([o for _, o, _ in done], time.time()))
+
+    def _writer_loop(self) -> None:
+        """Write outcomes that have waited ``OUTCOME_FLUSH_SECONDS`` (those finished
+        while a later job of the batch runs) until the loop ends."""
+        while True:
+            with self._outcomes:
+                while self._writing:
+                    pause = self._write_at - time.monotonic()
+                    if pause > 0:  # (the loop may have taken them by then: no matter)
+                        self._outcomes.wait(pause)
+                    elif self._done:
+                        break
+                    else:  # nothing finished since: sleep until a job does
+                        self._writer_idle = True
+                        self._outcomes.wait()
+                        self._writer_idle = False
+                if not self._writing:
+                    return
+                done, self._done = self._done, []
+            try:
+                self._write(done)
+            except Exception:
+                log.exception(
+                    "worker %d could not write %d outcome(s) yet; will try again",
+                    self.pid,
+                    len(done),
+                )
+                with self._outcomes:
+                    self._done[:0] = done
+                    self._write_at = time.monotonic() + OUTCOME_RETRY_SECONDS
 
     def _recorded(self, done: Sequence[Done], stored: Sequence[bool]) -> None:
         """Log each recorded outcome (``stored``: whether its lease was still current)."""
@@ -374,10 +437,19 @@ class Worker:
     # -- one job ------------------------------------------------------------------
 
     def execute(self, job: ClaimedJob) -> Outcome:
-        """Run one claimed job and describe how it ended (never raises for a task's error)."""
+        """Run one claimed job and describe how it ended (never raises for a task's error).
+
+        Whatever the task raises is its failure, :class:`BaseException` included (a
+        ``CancelledError``, a ``KeyboardInterrupt`` of its own): the worker's stop
+        signals set :attr:`stopping` and never raise inside a task.
+        """
+        self.slot.begin(job, None)  # started: its delivery counts should the worker die
         try:
             task, args, kwargs = self._decode(job)
-        except WorkersError as exc:
+        except BaseException as exc:
+            self.slot.end()
+            if not isinstance(exc, WorkersError):
+                raise
             return Outcome(
                 job.id,
                 job.lease,
@@ -386,7 +458,8 @@ class Worker:
                 traceback=format_traceback(exc),
             )
         options = task.options
-        self.slot.begin(job, options.time_limit)
+        if options.time_limit:
+            self.slot.begin(job, options.time_limit)
         self._current = f"{job.task}[{job.id}]"
         try:
             if options.soft_time_limit:
@@ -398,7 +471,7 @@ class Worker:
                 self._in_task = False
                 if options.soft_time_limit:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:
             return self._failed(job, task, exc)
         finally:
             self.slot.end()
@@ -446,6 +519,12 @@ class Worker:
                 f"that defines it or fix the name"
             )
         return task, call["args"], call["kwargs"]
+
+    def _broken(self, job: ClaimedJob, exc: BaseException) -> Outcome:
+        """The failure of a job whose run raised ``exc`` outside its task's code."""
+        return Outcome(
+            job.id, job.lease, states.FAILURE, error=describe(exc), traceback=format_traceback(exc)
+        )
 
     def _failed(self, job: ClaimedJob, task: Task[Any, Any], exc: BaseException) -> Outcome:
         options = task.options
@@ -527,7 +606,17 @@ class Worker:
         )
         try:
             broker = self.app.broker
-            broker.release_lost(self.id, self.app.max_deliveries, time.time())
+            try:
+                self._flush()  # the outcomes of the jobs it finished
+            except Exception:
+                log.exception("worker %d could not write its last outcomes", self.pid)
+            running = self.slot.running()
+            broker.release_lost(
+                self.id,
+                self.app.max_deliveries,
+                time.time(),
+                running=running[0] if running else None,
+            )
             broker.remove_worker(self.id)
         finally:
             os._exit(EXIT_ORPHANED)

@@ -10,7 +10,8 @@ brokers implement the same methods. The rules every implementation keeps:
   ``STARTED`` and stamps them with the claiming worker's id, a fresh lease token and
   a ``lease_until`` time. Workers extend their leases with :meth:`Broker.extend_leases`.
   A lease that runs out (:meth:`Broker.sweep`) or whose worker is known dead
-  (:meth:`Broker.release_lost`) puts the job back in its queue.
+  (:meth:`Broker.release_lost`) puts the job back in its queue. A delivery counts
+  once its job started: jobs a worker claimed but never started go back uncounted.
 * **Exactly-once completion.** :meth:`Broker.record` writes an outcome only if the
   job is still ``STARTED`` under the given lease token, so when a job runs twice (a
   lease expired under a slow worker) only one outcome is ever stored.
@@ -286,11 +287,12 @@ FINAL_STATES_SQL = "(" + ", ".join(f"'{state}'" for state in sorted(states.READY
 
 def worker_lost_error(max_deliveries: int) -> str:
     """The ``error`` (JSON) stored on a job that failed because its worker kept dying."""
+    message = f"the worker running this job died {max_deliveries} times"
     return json.dumps(
         {
             "type": "workers.errors.WorkerLostError",
-            "message": f"the worker running this job died {max_deliveries} times",
-            "args": [],
+            "message": message,
+            "args": [message],
         }
     )
 
@@ -426,19 +428,25 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    def release_lost(self, worker: str, max_deliveries: int, now: float) -> int:
+    def release_lost(
+        self, worker: str, max_deliveries: int, now: float, *, running: str | None
+    ) -> int:
         """Return every job held by ``worker``, which died, to its queue.
 
-        A job that has been delivered ``max_deliveries`` times already becomes
-        ``FAILURE`` with a :class:`workers.errors.WorkerLostError` instead, so a job
-        that kills its worker cannot loop forever. Returns how many jobs changed.
+        ``running`` is the id of the job it was running (``None``: it was between
+        jobs). That delivery counts: a job that has been delivered ``max_deliveries``
+        times already becomes ``FAILURE`` with a :class:`workers.errors.WorkerLostError`
+        instead, so a job that kills its worker cannot loop forever. The others were
+        prefetched and never started: they go back as by :meth:`release`, uncounted.
+        Returns how many jobs changed.
         """
 
     @abstractmethod
     def sweep(self, max_deliveries: int, now: float) -> int:
         """Housekeeping, run by supervisors about once a second.
 
-        Jobs whose lease ran out are released as by :meth:`release_lost`; waiting jobs
+        Jobs whose lease ran out are released as by :meth:`release_lost`, each delivery
+        counted (which of them was running is not known here); waiting jobs
         past ``expires_at`` become ``EXPIRED``; a broker may also do its own upkeep here
         (SQLite checkpoints its WAL). Returns how many jobs changed.
         """

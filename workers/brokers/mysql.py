@@ -487,24 +487,36 @@ class MySQLBroker(ServerBroker):
     def release(self, worker: str, job_ids: Sequence[str], now: float) -> int:
         if not job_ids:
             return 0
-        changed = self._count(
-            "UPDATE forksafe_jobs SET state = 'PENDING', rank_key = -priority, lease = NULL,"
-            " lease_until = NULL, deliveries = GREATEST(deliveries - 1, 0)"
-            " WHERE worker = %s AND state = 'STARTED' AND id IN ("
-            + ",".join(["%s"] * len(job_ids))
-            + ")",
-            (worker, *job_ids),
-            retry=False,
-        )
+        marks = ",".join(["%s"] * len(job_ids))
+        changed = self._give_back(f"worker = %s AND id IN ({marks})", (worker, *job_ids))
         if changed:
             self._ring()
         return changed
 
-    def release_lost(self, worker: str, max_deliveries: int, now: float) -> int:
-        changed = self._release_where("worker = %s", (worker,), max_deliveries, now)
+    def release_lost(
+        self, worker: str, max_deliveries: int, now: float, *, running: str | None
+    ) -> int:
+        if running is None:
+            changed = self._give_back("worker = %s", (worker,))
+        else:
+            changed = self._give_back("worker = %s AND id <> %s", (worker, running))
+            changed += self._release_where(
+                "worker = %s AND id = %s", (worker, running), max_deliveries, now
+            )
         if changed:
             self._ring()
         return changed
+
+    def _give_back(self, where: str, params: tuple[Any, ...]) -> int:
+        """Put the held jobs matching ``where`` back in their queue, their delivery
+        not counted: they never started."""
+        return self._count(
+            "UPDATE forksafe_jobs SET state = 'PENDING', rank_key = -priority, lease = NULL,"
+            " lease_until = NULL, deliveries = GREATEST(deliveries - 1, 0)"
+            f" WHERE state = 'STARTED' AND {where}",
+            params,
+            retry=False,
+        )
 
     def sweep(self, max_deliveries: int, now: float) -> int:
         changed = self._release_where("lease_until < %s", (now,), max_deliveries, now)

@@ -673,19 +673,31 @@ class PostgresBroker(ServerBroker):
     def release(self, worker: str, job_ids: Sequence[str], now: float) -> int:
         if not job_ids:
             return 0
+        return self._give_back("worker = %s AND id = ANY(%s)", (worker, list(job_ids)))
+
+    def release_lost(
+        self, worker: str, max_deliveries: int, now: float, *, running: str | None
+    ) -> int:
+        if running is None:
+            return self._give_back("worker = %s", (worker,))
+        changed = self._give_back("worker = %s AND id <> %s", (worker, running))
+        return changed + self._release_where(
+            "worker = %s AND id = %s", (worker, running), max_deliveries, now
+        )
+
+    def _give_back(self, where: str, params: tuple[Any, ...]) -> int:
+        """Put the held jobs matching ``where`` back in their queue, their delivery
+        not counted: they never started."""
         rows = self._run(
             "WITH changed AS (UPDATE forksafe_jobs SET state = 'PENDING', lease = NULL,"
             " lease_until = NULL, deliveries = greatest(deliveries - 1, 0)"
-            " WHERE worker = %s AND state = 'STARTED' AND id = ANY(%s) RETURNING id)"
+            f" WHERE state = 'STARTED' AND {where} RETURNING id)"
             + _notify(JOBS_CHANNEL)
             + " SELECT count(*) FROM changed LEFT JOIN notified ON true",
-            (worker, list(job_ids)),
+            params,
             retry=False,
         )
         return int(rows[0][0]) if rows else 0
-
-    def release_lost(self, worker: str, max_deliveries: int, now: float) -> int:
-        return self._release_where("worker = %s", (worker,), max_deliveries, now)
 
     def sweep(self, max_deliveries: int, now: float) -> int:
         changed = self._release_where("lease_until < %s", (now,), max_deliveries, now)

@@ -373,17 +373,28 @@ class SQLiteBroker(Broker):
             return 0
         marks = ",".join("?" * len(job_ids))
         with self._write(ring=True) as cursor:
-            cursor.execute(
-                "UPDATE forksafe_jobs SET state = 'PENDING', lease = NULL, lease_until = NULL,"
-                " deliveries = max(deliveries - 1, 0)"
-                f" WHERE worker = ? AND state = 'STARTED' AND id IN ({marks})",
-                (worker, *job_ids),
-            )
-            return int(cursor.rowcount)
+            return self._give_back(cursor, f"worker = ? AND id IN ({marks})", (worker, *job_ids))
 
-    def release_lost(self, worker: str, max_deliveries: int, now: float) -> int:
+    def release_lost(
+        self, worker: str, max_deliveries: int, now: float, *, running: str | None
+    ) -> int:
         with self._write(ring=True) as cursor:
-            return self._release_where(cursor, "worker = ?", (worker,), max_deliveries, now)
+            if running is None:
+                return self._give_back(cursor, "worker = ?", (worker,))
+            changed = self._give_back(cursor, "worker = ? AND id <> ?", (worker, running))
+            return changed + self._release_where(
+                cursor, "worker = ? AND id = ?", (worker, running), max_deliveries, now
+            )
+
+    def _give_back(self, cursor: Any, where: str, params: tuple[Any, ...]) -> int:
+        """Put the held jobs matching ``where`` back in their queue, their delivery
+        not counted: they never started."""
+        cursor.execute(
+            "UPDATE forksafe_jobs SET state = 'PENDING', lease = NULL, lease_until = NULL,"
+            f" deliveries = max(deliveries - 1, 0) WHERE state = 'STARTED' AND {where}",
+            params,
+        )
+        return int(cursor.rowcount)
 
     def sweep(self, max_deliveries: int, now: float) -> int:
         with self._write() as cursor:
