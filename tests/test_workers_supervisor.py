@@ -167,6 +167,35 @@ def test_graceful_term_lets_running_jobs_finish(tasks: Any, tmp_path: Path, run_
 
 
 @pytest.mark.timeout(60)
+def test_a_stop_signal_a_worker_gets_before_its_handlers_is_not_lost(  # type: ignore[no-untyped-def]
+    tmp_path: Path, run_workers
+) -> None:
+    # The first worker is sent SIGTERM by itself right after the fork (an at-fork hook
+    # of the tasks file), before it installs its handlers: it must still stop.
+    first = tmp_path / "first-worker"
+    path = write_tasks(
+        tmp_path,
+        TASKS
+        + f"""
+import signal
+def _stop_the_first_worker():
+    if not os.path.exists({str(first)!r}):
+        with open({str(first)!r}, "w") as marker:
+            marker.write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGTERM)
+os.register_at_fork(after_in_child=_stop_the_first_worker)
+""",
+        name="stopped_early.py",
+    )
+    run = run_workers(path, "--workers", "1")
+    wait_until(first.exists, 20, "the first worker to start")
+    wait_until(lambda: first.read_text().strip() != "", 5, "the first worker's pid")
+    pid = int(first.read_text())
+    wait_until(lambda: not alive(pid), 10, "the first worker to act on its SIGTERM")
+    assert run.process.poll() is None  # the supervisor carries on (and replaces it)
+
+
+@pytest.mark.timeout(60)
 def test_jobs_past_the_graceful_timeout_are_killed_and_requeued(  # type: ignore[no-untyped-def]
     tasks: Any, tmp_path: Path, run_workers
 ) -> None:

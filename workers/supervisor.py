@@ -46,6 +46,7 @@ from workers.worker import (
     EXIT_INIT_FAILED,
     EXIT_RECYCLE,
     EXIT_STOPPED,
+    STOP_SIGNALS,
     Slot,
     WorkerConfig,
     worker_id,
@@ -290,7 +291,14 @@ class Supervisor:
             args=(self.app, self._worker_config(), slot, nonce, self.pid),
             name=f"forksafe-worker-{nonce}",
         )
-        process.start()
+        # A stop signal reaching the child before it installs its own handlers would go
+        # to the supervisor's, copied by fork, and be lost: the child starts with them
+        # blocked, and takes any that are pending once its handlers are in place.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         handle = WorkerHandle(process, slot, nonce, time.monotonic())
         self.workers[handle.pid] = handle
         log.debug("started worker %d", handle.pid)

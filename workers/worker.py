@@ -59,6 +59,9 @@ EXIT_RECYCLE = 75
 EXIT_INIT_FAILED = 70
 EXIT_ORPHANED = 71
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+"""What asks a worker to stop after its current job (a graceful stop)."""
+
 OUTCOME_FLUSH_SECONDS = 0.05
 """Outcomes of a prefetched batch are written together, but never held longer than this."""
 
@@ -219,6 +222,8 @@ class Worker:
         for name in ("SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGUSR2"):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The supervisor forks with the stop signals blocked (see spawn_worker).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _handle_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
