@@ -167,6 +167,27 @@ def test_graceful_term_lets_running_jobs_finish(tasks: Any, tmp_path: Path, run_
 
 
 @pytest.mark.timeout(60)
+def test_a_job_running_through_a_graceful_stop_keeps_its_lease(  # type: ignore[no-untyped-def]
+    tmp_path: Path, run_workers
+) -> None:
+    # The heartbeat goes on until the job ends: a lapsed lease would let a sweep (here
+    # the test's, as another supervisor's would) take the job and drop its outcome.
+    path = write_tasks(tmp_path, TASKS + "\napp.lease_seconds = 0.5\n", name="short_lease.py")
+    tasks = load_tasks(path)
+    out = tmp_path / "runs.txt"
+    job = tasks.record_then_nap.delay(7, str(out), 2)
+    run = run_workers(path, "--workers", "1")
+    wait_until(out.exists, 20, "the job to start")
+    run.signal(signal.SIGTERM)
+    while run.process.poll() is None:
+        tasks.app.broker.sweep(tasks.app.max_deliveries, time.time())
+        time.sleep(0.05)
+    assert run.wait(5) == 0
+    assert job.get(timeout=5) == 7
+    assert [i for i, _ in executions(out)] == [7]
+
+
+@pytest.mark.timeout(60)
 def test_a_stop_signal_a_worker_gets_before_its_handlers_is_not_lost(  # type: ignore[no-untyped-def]
     tmp_path: Path, run_workers
 ) -> None:

@@ -202,6 +202,9 @@ class Worker:
         self._current: str | None = None
         self._held: list[ClaimedJob] = []
         self._finished = threading.Event()
+        # Set when the loop has ended: no job runs any more, the heartbeat may stop. Not
+        # at a stop signal: the job still running through a graceful stop keeps its lease.
+        self._jobs_over = threading.Event()
         # Finished jobs whose outcome is still to be written, shared by the loop and the
         # outcome writer thread: whoever takes them (under the lock) writes them.
         self._outcomes = threading.Condition(threading.Lock())
@@ -291,6 +294,7 @@ class Worker:
                     break
         finally:
             self.stopping.set()
+            self._jobs_over.set()
             try:
                 with self._outcomes:
                     self._writing = False
@@ -584,7 +588,7 @@ class Worker:
         broker = self.app.broker
         tick = min(0.25, self.config.heartbeat_interval)
         next_beat = time.monotonic() + self.config.heartbeat_interval
-        while not self.stopping.wait(tick):
+        while not self._jobs_over.wait(tick):
             if os.getppid() != self.supervisor_pid:
                 self._abandon()
                 return
