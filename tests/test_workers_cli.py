@@ -183,6 +183,10 @@ def test_status_shows_live_workers_with_pid_jobs_and_pool_stats(  # type: ignore
         (["submit", "tasks.py", "nope"], "no task named 'nope' in tasks.py (known: add, fail)"),
         (["submit", "tasks.py", "add", "-k", "oops"], "must look like NAME=VALUE"),
         (
+            ["submit", "tasks.py", "add", "1", "2", "--wait", "--timeout", "-1"],
+            "argument --timeout: -1 must be 0 or more seconds",
+        ),
+        (
             ["run", "tasks.py", "--burst", "--graceful-timeout", "-5"],
             "argument --graceful-timeout: -5 must be 0 or more seconds",
         ),

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait and print the result")
     submit.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="with --wait, give up after this long and exit 4 (default: wait forever)",
