@@ -230,10 +230,20 @@ def test_a_lost_worker_counts_a_delivery_only_for_the_job_it_was_running(broker:
     failed, waiting = broker.fetch("running"), broker.fetch("prefetched")
     assert failed is not None and failed.state == states.FAILURE and failed.deliveries == 3
     assert waiting is not None and waiting.state == states.PENDING and waiting.deliveries == 0
-    broker.claim("w", ["default"], 2, 30, now)
-    assert broker.release_lost("w", 3, now, running=None) == 1  # between jobs
-    waiting = broker.fetch("prefetched")
-    assert waiting is not None and waiting.state == states.PENDING and waiting.deliveries == 0
+
+
+def test_a_lost_worker_whose_running_job_is_not_known_counts_every_job(broker: Broker) -> None:
+    """Died of itself (not killed for a time limit), it may have finished a job whose
+    outcome it never wrote (a crash while serialising the result): that one must count,
+    or a job that kills its worker each time would come back forever."""
+    now = time.time()
+    broker.enqueue([job("finished-unwritten")], now)
+    for delivery in range(1, 4):
+        (claimed,) = broker.claim("w", ["default"], 1, 30, now)
+        assert claimed.deliveries == delivery
+        assert broker.release_lost("w", 3, now, running=None) == 1
+    record = broker.fetch("finished-unwritten")
+    assert record is not None and record.state == states.FAILURE and record.deliveries == 3
 
 
 def test_released_unstarted_jobs_do_not_count_a_delivery(broker: Broker) -> None:

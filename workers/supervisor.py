@@ -90,6 +90,7 @@ class WorkerHandle:
     started: float
     retiring: bool = False
     killed_by_us: bool = False
+    timed_out: str | None = None  # the job it was killed for (its time limit)
 
     @property
     def pid(self) -> int:
@@ -350,6 +351,7 @@ class Supervisor:
             if not limit or now - started <= limit:
                 continue
             handle.killed_by_us = True
+            handle.timed_out = job_id
             self._kill(handle, signal.SIGKILL)
             try:
                 state = self._record_time_limit(handle, job_id, lease, task_name, limit, now)
@@ -419,13 +421,12 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[pid]
-            running = handle.slot.running()  # its other jobs never started
             try:
+                # Killed for a time limit, it was running that job, and its others never
+                # started or have their outcomes written (within OUTCOME_FLUSH_SECONDS).
+                # Dead otherwise, any of them may have been started: all count.
                 released = self.app.broker.release_lost(
-                    handle.id,
-                    self.app.max_deliveries,
-                    time.time(),
-                    running=running[0] if running else None,
+                    handle.id, self.app.max_deliveries, time.time(), running=handle.timed_out
                 )
                 self.app.broker.remove_worker(handle.id)
             except Exception:

@@ -619,7 +619,9 @@ class Worker:
                 self._flush()  # the outcomes of the jobs it finished
             except Exception:
                 log.exception("worker %d could not write its last outcomes", self.pid)
-            running = self.slot.running()
+                running = None  # a finished job is unwritten: every job held counts
+            else:
+                running = self.slot.running()  # the others never started
             broker.release_lost(
                 self.id,
                 self.app.max_deliveries,

@@ -433,12 +433,14 @@ class Broker(ABC):
     ) -> int:
         """Return every job held by ``worker``, which died, to its queue.
 
-        ``running`` is the id of the job it was running (``None``: it was between
-        jobs). That delivery counts: a job that has been delivered ``max_deliveries``
-        times already becomes ``FAILURE`` with a :class:`workers.errors.WorkerLostError`
-        instead, so a job that kills its worker cannot loop forever. The others were
-        prefetched and never started: they go back as by :meth:`release`, uncounted.
-        Returns how many jobs changed.
+        ``running``: the id of the job it was known to be running when it died (its
+        supervisor killed it for that job's time limit); its other jobs were prefetched
+        and never started, or finished with their outcomes written, and go back as by
+        :meth:`release`, uncounted. ``None``: any of its jobs may have started (one that
+        finished may have died unwritten), so every one counts the delivery. A counted
+        job that has been delivered ``max_deliveries`` times already becomes ``FAILURE``
+        with a :class:`workers.errors.WorkerLostError` instead, so a job that kills its
+        worker cannot loop forever. Returns how many jobs changed.
         """
 
     @abstractmethod

@@ -497,7 +497,7 @@ class MySQLBroker(ServerBroker):
         self, worker: str, max_deliveries: int, now: float, *, running: str | None
     ) -> int:
         if running is None:
-            changed = self._give_back("worker = %s", (worker,))
+            changed = self._release_where("worker = %s", (worker,), max_deliveries, now)
         else:
             changed = self._give_back("worker = %s AND id <> %s", (worker, running))
             changed += self._release_where(

@@ -679,7 +679,7 @@ class PostgresBroker(ServerBroker):
         self, worker: str, max_deliveries: int, now: float, *, running: str | None
     ) -> int:
         if running is None:
-            return self._give_back("worker = %s", (worker,))
+            return self._release_where("worker = %s", (worker,), max_deliveries, now)
         changed = self._give_back("worker = %s AND id <> %s", (worker, running))
         return changed + self._release_where(
             "worker = %s AND id = %s", (worker, running), max_deliveries, now

@@ -380,7 +380,7 @@ class SQLiteBroker(Broker):
     ) -> int:
         with self._write(ring=True) as cursor:
             if running is None:
-                return self._give_back(cursor, "worker = ?", (worker,))
+                return self._release_where(cursor, "worker = ?", (worker,), max_deliveries, now)
             changed = self._give_back(cursor, "worker = ? AND id <> ?", (worker, running))
             return changed + self._release_where(
                 cursor, "worker = ? AND id = ?", (worker, running), max_deliveries, now
