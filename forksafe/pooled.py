@@ -218,6 +218,10 @@ _families: weakref.WeakValueDictionary[Any, _Family] = weakref.WeakValueDictiona
 # transaction (which not every way of ending one announces).
 _RECHECK = 0.05
 
+# Seconds before a checkout warms up again after a warm-up that stopped short of mincached
+# while idle connections could serve the checkouts.
+_WARM_AGAIN = 5.0
+
 
 def _family_for(key: Any) -> _Family:
     if key is None:
@@ -378,6 +382,7 @@ class PooledDB(fork.ProcessBound):
         self._shared_cache: list[SharedDBConnection] = []
         self._shared_pending = 0
         self._warm = not self._mincached
+        self._warm_again_at = 0.0  # see _warm_at_checkout
         self._leases: dict[int, _Lease] = {}
         self._stats = dict.fromkeys(
             (
@@ -439,7 +444,6 @@ class PooledDB(fork.ProcessBound):
                 " cannot be pooled; use PersistentDB or another driver"
             )
         con._jitter = 1.0 - 0.1 * random.random()
-        con._pooled = True
         self._stats["connections_created"] += 1
         return con
 
@@ -462,7 +466,30 @@ class PooledDB(fork.ProcessBound):
         finally:
             if left:  # an open failed: give back what was reserved and not opened,
                 family.settle(left)
-                self._warm = False  # and warm up again at the next checkout
+                self._warm = False  # and warm up again at a later checkout
+
+    def _warm_at_checkout(self) -> None:
+        """:meth:`warm` at a checkout. Its failure fails the checkout only if no idle
+        connection can serve it (the next checkout then tries again); otherwise it is
+        logged, and tried again at a checkout :data:`_WARM_AGAIN` seconds later, so a
+        server refusing the ``mincached``-th session does not fail every checkout."""
+        if time.monotonic() < self._warm_again_at:
+            return
+        try:
+            self.warm()
+        except Exception as error:
+            if not self._idle:
+                raise
+            self._warm_again_at = time.monotonic() + _WARM_AGAIN
+            log.warning(
+                "forksafe: warming up to mincached=%d stopped at %d idle connection(s)"
+                " (%s: %s); trying again in %gs",
+                self._mincached,
+                len(self._idle),
+                type(error).__name__,
+                error,
+                _WARM_AGAIN,
+            )
 
     def _too_old(self, con: SteadyDBConnection, now: float) -> bool:
         return self._maxage is not None and now - con._created_at > self._maxage * con._jitter
@@ -474,6 +501,12 @@ class PooledDB(fork.ProcessBound):
 
     def _ready(self, con: SteadyDBConnection | None) -> SteadyDBConnection:
         """Turn an idle connection (or None) into one fit to hand out; I/O, outside the lock."""
+        if con is not None and con._closed:
+            # Closed while idle: by the collector, which finalises a proxy found in a
+            # reference cycle and the connection it held in any order, so the proxy
+            # may have given back what the connection's own finaliser then closed.
+            self._stats["connections_closed"] += 1
+            con = None
         if con is not None and self._recycling and self._expired(con, time.monotonic()):
             self._stats["connections_recycled"] += 1
             self._close_con(con)
@@ -557,7 +590,7 @@ class PooledDB(fork.ProcessBound):
         if not _page[0] or self._pid != fork.cached_pid:  # fork.getpid(), inlined
             self._checkpid()
         if not self._warm:
-            self.warm()
+            self._warm_at_checkout()
         if self._maxshared:
             if shareable:
                 return self._shared_connection()
@@ -577,7 +610,7 @@ class PooledDB(fork.ProcessBound):
                 con = self._idle.popleft()
             except IndexError:
                 con = None
-        if con is None or self._recycling:
+        if con is None or self._recycling or con._closed:
             con = self._fit(con)
         elif con._ping & 1:
             try:

@@ -226,10 +226,6 @@ class SteadyDBConnection:
     _reconnects: int
     _jitter: float  # fraction of a pool's maxage this connection may live
     _idle_since: float  # when a pool last took it back
-    # Opened by a pool: dropped while open, it is in a checked-out proxy's reference
-    # cycle, and the proxy's finaliser returns it (see __del__). A class default: read by
-    # __del__ also when __init__ rejected its arguments.
-    _pooled = False
     # See drivers.transaction_probe(); None: the driver cannot tell.
     _in_transaction: Callable[[Any], object] | None
     _quiet: Callable[[Any], bool] | None
@@ -693,13 +689,6 @@ class SteadyDBConnection:
         return steady
 
     def __del__(self) -> None:
-        if self._pooled and not self._closed and self._pid == fork.getpid():
-            # A pool closes what it drops, so this is garbage collection of a reference
-            # cycle holding the proxy it is checked out to, whose finaliser (run before
-            # or after this one) gives it back to the pool. Closing it here would make
-            # the pool open a new one. Had nothing given it back, the driver's own
-            # finaliser closes it, in the process that opened it.
-            return
         with suppress(Exception):
             self._close()
 

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -77,6 +78,28 @@ def test_a_failed_warm_up_is_tried_again_at_the_next_checkout() -> None:
         pool.connection()
     pool.connection().close()
     assert pool.stats()["idle"] == 3
+
+
+def test_a_warm_up_cut_short_never_fails_checkouts_idle_connections_can_serve(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server that refuses a session past the third (a per-user limit): the first
+    checkout's warm-up stops at 3 of mincached=5, is logged, and is not tried again at
+    every checkout."""
+    attempts = []
+
+    def limited() -> Any:
+        attempts.append(1)
+        if fakedb.counts.connects >= 3:
+            raise fakedb.OperationalError("too many connections")
+        return fakedb.connect()
+
+    pool = PooledDB(limited, mincached=5)
+    with caplog.at_level(logging.WARNING, logger="forksafe"):
+        for _ in range(10):
+            pool.connection().close()
+    assert "stopped at 3 idle connection(s)" in caplog.text
+    assert (len(attempts), pool.stats()["idle"]) == (4, 3)
 
 
 def test_threads_warming_at_once_open_mincached_connections_in_all() -> None:
@@ -332,50 +355,63 @@ def test_a_connection_dropped_without_close_is_reported_and_returned(
 
 
 @pytest.mark.parametrize("driver_name", ["psycopg2", "psycopg", "pymysql", "sqlite3"])
-def test_a_connection_collected_in_a_reference_cycle_goes_back_to_the_pool(
-    driver_name: str, request: pytest.FixtureRequest, tmp_path: Any
+@pytest.mark.parametrize("with_pool", [False, True], ids=["proxy in a cycle", "pool too"])
+def test_a_connection_collected_in_a_reference_cycle_leaves_the_pool_sound(
+    driver_name: str, with_pool: bool, request: pytest.FixtureRequest, tmp_path: Any
 ) -> None:
-    """The collector finalises the proxy and the connection it holds in any order; the
-    connection must not close itself before (or after) the proxy gives it back.
-
-    PyMySQL's socket is a Python object in the same garbage, closed by its own
-    finaliser: that session is lost, and the next checkout's ping replaces it."""
+    """The collector finalises the proxy and the connection it holds in any order: the
+    proxy may give back a connection that its own finaliser then closes. The pool must
+    never hand that out, nor lose the slot; a pool collected with them leaves nothing
+    open (DBUtils, likewise, closes a connection collected this way)."""
     driver = pytest.importorskip(driver_name)
     if driver_name == "sqlite3":
         kwargs: dict[str, Any] = {"database": str(tmp_path / "cycle.db")}
-        session_sql = "SELECT 1"  # no session id: compare the driver connections
     elif driver_name == "pymysql":
         kwargs = request.getfixturevalue("mysql").kwargs
-        session_sql = "SELECT CONNECTION_ID()"
     else:
         kwargs = request.getfixturevalue("postgres").kwargs
-        session_sql = "SELECT pg_backend_pid()"
     pool = PooledDB(driver, maxconnections=1, **kwargs)
 
-    def session(db: Any) -> Any:
+    def answer(db: Any) -> int:
         cursor = db.cursor()
-        cursor.execute(session_sql)
+        cursor.execute("SELECT 42")
         row = cursor.fetchone()
         cursor.close()
-        return db.dbapi_connection if driver_name == "sqlite3" else row[0]
+        return int(row[0])
 
     db = pool.connection()
-    first = session(db)
+    assert answer(db) == 42
+    con = weakref.ref(db._con)
     holder: dict[str, Any] = {"db": db}
     holder["self"] = holder  # only the collector can free it
+    if with_pool:
+        holder["pool"] = pool
+        del pool
     del db, holder
     gc.collect()
-    assert (pool.stats()["in_use"], pool.stats()["idle"]) == (0, 1)
+    if with_pool:
+        left = con()
+        assert left is None or left._closed  # closed by its finaliser or the pool's close()
+        return
+    assert pool.stats()["in_use"] == 0
+    with pool.connection() as db:  # the one slot is free, and what it hands out works
+        assert answer(db) == 42
+    assert pool.stats()["in_use"] == 0
+    pool.close()
+
+
+def test_a_connection_closed_while_idle_is_replaced_not_handed_out(tmp_path: Any) -> None:
+    """The collector can close an idle connection (see the test above): on SQLite, whose
+    closed connections raise ProgrammingError (no failover), handing it out would fail."""
+    pool = PooledDB(sqlite3, maxconnections=1, database=str(tmp_path / "idle.db"))
+    pool.connection().close()
+    pool._idle[0]._close()  # what the connection's own finaliser does
     with pool.connection() as db:
-        again = session(db)
+        cursor = db.cursor()
+        cursor.execute("SELECT 42")
+        assert cursor.fetchone()[0] == 42
     stats = pool.stats()
-    if driver_name == "pymysql":
-        assert again != first
-        assert (stats["connections_created"], stats["reconnects"]) == (1, 1)
-    else:
-        assert again == first  # the same session, alive: not closed and reopened
-        assert (stats["connections_created"], stats["reconnects"]) == (1, 0)
-    assert stats["connections_closed"] == 0
+    assert (stats["connections_created"], stats["connections_closed"]) == (2, 1)
     pool.close()
 
 
