@@ -96,21 +96,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_number(text: str) -> float:
+def _float(text: str, what: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _positive_number(text: str) -> float:
+    value = _float(text, "a number")
     if not value > 0:  # NaN too
         raise argparse.ArgumentTypeError(f"{text} must be above 0")
     return value
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    value = _float(text, "a number of seconds")
     if not value >= 0:  # NaN too
         raise argparse.ArgumentTypeError(f"{text} must be 0 or more seconds")
     return value
