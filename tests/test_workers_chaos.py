@@ -109,17 +109,27 @@ def test_unknown_task_and_corrupt_payload_fail_their_job_and_the_worker_carries_
     assert "UnknownTaskError" in log
 
 
-def test_a_job_that_keeps_killing_its_worker_fails_after_max_deliveries(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["running", "serialising its result"])
+def test_a_job_that_keeps_killing_its_worker_fails_after_max_deliveries(
+    tmp_path: Path, when: str
+) -> None:
+    # Serialising the result comes after the job ends (the worker's slot no longer names
+    # it) and before its outcome is written: it must count a delivery all the same.
+    body = "os._exit(9)" if when == "running" else "return Bomb(a=1)"
     path = write_tasks(
         tmp_path,
-        """
+        f"""
 import os
 
 app.max_deliveries = 3
 
+class Bomb(dict):
+    def items(self):  # what the JSON encoder calls on a dict subclass
+        os._exit(9)
+
 @app.task
 def die():
-    os._exit(9)
+    {body}
 
 @app.task
 def add(x, y):
