@@ -232,18 +232,25 @@ def test_a_lost_worker_counts_a_delivery_only_for_the_job_it_was_running(broker:
     assert waiting is not None and waiting.state == states.PENDING and waiting.deliveries == 0
 
 
-def test_a_lost_worker_whose_running_job_is_not_known_counts_every_job(broker: Broker) -> None:
-    """Died of itself (not killed for a time limit), it may have finished a job whose
-    outcome it never wrote (a crash while serialising the result): that one must count,
-    or a job that kills its worker each time would come back forever."""
+def test_a_lost_worker_that_may_have_left_an_outcome_unwritten_counts_every_job(
+    broker: Broker,
+) -> None:
+    """A job that finished but whose outcome died with its worker (a crash while its
+    result was serialised) must count, or it would come back forever; with nothing
+    running and nothing unwritten, its jobs never started and count nothing."""
     now = time.time()
     broker.enqueue([job("finished-unwritten")], now)
     for delivery in range(1, 4):
         (claimed,) = broker.claim("w", ["default"], 1, 30, now)
         assert claimed.deliveries == delivery
-        assert broker.release_lost("w", 3, now, running=None) == 1
+        assert broker.release_lost("w", 3, now, running=None, others_started=True) == 1
     record = broker.fetch("finished-unwritten")
     assert record is not None and record.state == states.FAILURE and record.deliveries == 3
+    broker.enqueue([job("prefetched")], now)
+    broker.claim("w", ["default"], 1, 30, now)
+    assert broker.release_lost("w", 3, now, running=None) == 1  # between jobs, all written
+    waiting = broker.fetch("prefetched")
+    assert waiting is not None and waiting.state == states.PENDING and waiting.deliveries == 0
 
 
 def test_released_unstarted_jobs_do_not_count_a_delivery(broker: Broker) -> None:

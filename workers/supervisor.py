@@ -421,12 +421,14 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[pid]
+            running, others_started = handle.slot.lost()
             try:
-                # Killed for a time limit, it was running that job, and its others never
-                # started or have their outcomes written (within OUTCOME_FLUSH_SECONDS).
-                # Dead otherwise, any of them may have been started: all count.
                 released = self.app.broker.release_lost(
-                    handle.id, self.app.max_deliveries, time.time(), running=handle.timed_out
+                    handle.id,
+                    self.app.max_deliveries,
+                    time.time(),
+                    running=handle.timed_out or running,
+                    others_started=others_started,
                 )
                 self.app.broker.remove_worker(handle.id)
             except Exception:

@@ -76,7 +76,8 @@ class Slot:
     """Shared memory one worker writes and its supervisor reads.
 
     Fields: heartbeat time and jobs done; start time of the running job (0 when idle)
-    and its hard time limit (0 for none); its id, lease and task name; the text of a
+    and its hard time limit (0 for none); its id, lease and task name; how many jobs
+    started and have no outcome written yet (the running one included); the text of a
     fatal error. A job's names are written before its start time and the start time
     is cleared first when it ends, so a reader that sees the same start time before
     and after reading the names has read them whole.
@@ -85,10 +86,12 @@ class Slot:
     _BEAT = struct.Struct("<dq")  # heartbeat, jobs done
     _CLOCK = struct.Struct("<dd")  # started, time limit
     _NAMES = struct.Struct("<64s32s64s")  # job id, lease, task
+    _UNSETTLED = struct.Struct("<q")
     _TEXT_LEN = struct.Struct("<I")
     _CLOCK_AT = _BEAT.size
     _NAMES_AT = _CLOCK_AT + _CLOCK.size
-    _TEXT_LEN_AT = _NAMES_AT + _NAMES.size
+    _UNSETTLED_AT = _NAMES_AT + _NAMES.size
+    _TEXT_LEN_AT = _UNSETTLED_AT + _UNSETTLED.size
     _TEXT_AT = _TEXT_LEN_AT + _TEXT_LEN.size
     _TEXT = 8192
 
@@ -123,6 +126,18 @@ class Slot:
             started,
             limit,
         )
+
+    def set_unsettled(self, count: int) -> None:
+        self._UNSETTLED.pack_into(self._map, self._UNSETTLED_AT, count)
+
+    def lost(self) -> tuple[str | None, bool]:
+        """For the jobs of a worker that died: the id of the job it was running (None:
+        none), and whether another job it started may have its outcome unwritten (one
+        that finished, its outcome lost with the worker)."""
+        running = self.running()
+        job = running[0] if running else None
+        (unsettled,) = self._UNSETTLED.unpack_from(self._map, self._UNSETTLED_AT)
+        return job, unsettled > (1 if job else 0)
 
     @property
     def jobs_done(self) -> int:
@@ -209,6 +224,7 @@ class Worker:
         # outcome writer thread: whoever takes them (under the lock) writes them.
         self._outcomes = threading.Condition(threading.Lock())
         self._done: list[Done] = []
+        self._unsettled = 0  # jobs started whose outcome is not written (see Slot.lost)
         self._write_at = 0.0  # monotonic time by which the writer writes self._done
         self._writing = True  # the writer thread runs until the loop ends
         self._writer_idle = False  # it waits for a first outcome, without a timeout
@@ -281,6 +297,7 @@ class Worker:
                     now,
                 )
                 self._recorded(recorded, stored)
+                self._settle(len(recorded))
                 drained = len(jobs) < limit  # the queue had no more: more arrive one by one
                 if not jobs:
                     if self.config.burst and broker.outstanding(self.config.queues, now) == 0:
@@ -326,6 +343,7 @@ class Worker:
             if self.stopping.is_set():
                 break
             job = self._held.pop(0)  # started: never given back as if it had not
+            self._settle(-1)
             started = time.monotonic()
             try:
                 outcome = self.execute(job)
@@ -343,6 +361,12 @@ class Worker:
                     self._outcomes.notify()
             self._done.append(done)
 
+    def _settle(self, written: int) -> None:
+        """Count ``written`` outcomes written (-1: a job started), in the slot too."""
+        with self._outcomes:
+            self._unsettled -= written
+            self.slot.set_unsettled(self._unsettled)
+
     def _take_outcomes(self) -> list[Done]:
         """The finished jobs whose outcome is to be written; the caller writes them."""
         with self._outcomes:
@@ -356,6 +380,7 @@ class Worker:
     def _write(self, done: Sequence[Done]) -> None:
         if done:
             self._recorded(done, self.app.broker.record([o for _, o, _ in done], time.time()))
+            self._settle(len(done))
 
     def _writer_loop(self) -> None:
         """Write outcomes that have waited ``OUTCOME_FLUSH_SECONDS`` (those finished
@@ -619,14 +644,13 @@ class Worker:
                 self._flush()  # the outcomes of the jobs it finished
             except Exception:
                 log.exception("worker %d could not write its last outcomes", self.pid)
-                running = None  # a finished job is unwritten: every job held counts
-            else:
-                running = self.slot.running()  # the others never started
+            running, others_started = self.slot.lost()
             broker.release_lost(
                 self.id,
                 self.app.max_deliveries,
                 time.time(),
-                running=running[0] if running else None,
+                running=running,
+                others_started=others_started,
             )
             broker.remove_worker(self.id)
         finally:

@@ -429,18 +429,23 @@ class Broker(ABC):
 
     @abstractmethod
     def release_lost(
-        self, worker: str, max_deliveries: int, now: float, *, running: str | None
+        self,
+        worker: str,
+        max_deliveries: int,
+        now: float,
+        *,
+        running: str | None,
+        others_started: bool = False,
     ) -> int:
         """Return every job held by ``worker``, which died, to its queue.
 
-        ``running``: the id of the job it was known to be running when it died (its
-        supervisor killed it for that job's time limit); its other jobs were prefetched
-        and never started, or finished with their outcomes written, and go back as by
-        :meth:`release`, uncounted. ``None``: any of its jobs may have started (one that
-        finished may have died unwritten), so every one counts the delivery. A counted
-        job that has been delivered ``max_deliveries`` times already becomes ``FAILURE``
-        with a :class:`workers.errors.WorkerLostError` instead, so a job that kills its
-        worker cannot loop forever. Returns how many jobs changed.
+        ``running``: the id of the job it was running (None: none); that delivery
+        counts. Its other jobs never started and go back as by :meth:`release`,
+        uncounted, unless ``others_started``: one of them may have finished with its
+        outcome unwritten (see :meth:`workers.worker.Slot.lost`), so every one counts.
+        A counted job that has been delivered ``max_deliveries`` times already becomes
+        ``FAILURE`` with a :class:`workers.errors.WorkerLostError` instead, so a job
+        that kills its worker cannot loop forever. Returns how many jobs changed.
         """
 
     @abstractmethod

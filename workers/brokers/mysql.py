@@ -494,10 +494,18 @@ class MySQLBroker(ServerBroker):
         return changed
 
     def release_lost(
-        self, worker: str, max_deliveries: int, now: float, *, running: str | None
+        self,
+        worker: str,
+        max_deliveries: int,
+        now: float,
+        *,
+        running: str | None,
+        others_started: bool = False,
     ) -> int:
-        if running is None:
+        if others_started:
             changed = self._release_where("worker = %s", (worker,), max_deliveries, now)
+        elif running is None:
+            changed = self._give_back("worker = %s", (worker,))
         else:
             changed = self._give_back("worker = %s AND id <> %s", (worker, running))
             changed += self._release_where(

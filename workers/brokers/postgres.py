@@ -676,10 +676,18 @@ class PostgresBroker(ServerBroker):
         return self._give_back("worker = %s AND id = ANY(%s)", (worker, list(job_ids)))
 
     def release_lost(
-        self, worker: str, max_deliveries: int, now: float, *, running: str | None
+        self,
+        worker: str,
+        max_deliveries: int,
+        now: float,
+        *,
+        running: str | None,
+        others_started: bool = False,
     ) -> int:
-        if running is None:
+        if others_started:
             return self._release_where("worker = %s", (worker,), max_deliveries, now)
+        if running is None:
+            return self._give_back("worker = %s", (worker,))
         changed = self._give_back("worker = %s AND id <> %s", (worker, running))
         return changed + self._release_where(
             "worker = %s AND id = %s", (worker, running), max_deliveries, now

@@ -376,11 +376,19 @@ class SQLiteBroker(Broker):
             return self._give_back(cursor, f"worker = ? AND id IN ({marks})", (worker, *job_ids))
 
     def release_lost(
-        self, worker: str, max_deliveries: int, now: float, *, running: str | None
+        self,
+        worker: str,
+        max_deliveries: int,
+        now: float,
+        *,
+        running: str | None,
+        others_started: bool = False,
     ) -> int:
         with self._write(ring=True) as cursor:
-            if running is None:
+            if others_started:
                 return self._release_where(cursor, "worker = ?", (worker,), max_deliveries, now)
+            if running is None:
+                return self._give_back(cursor, "worker = ?", (worker,))
             changed = self._give_back(cursor, "worker = ? AND id <> ?", (worker, running))
             return changed + self._release_where(
                 cursor, "worker = ? AND id = ?", (worker, running), max_deliveries, now
