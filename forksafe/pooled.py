@@ -342,6 +342,7 @@ class PooledDB(fork.ProcessBound):
             and self._maxidle is None
             and self._leaktime is None
         )
+        self._life = [True]  # False once collected (see SteadyDBConnection.__del__)
         # Pools whose recipes agree hand out interchangeable connections, if they also
         # return them alike: a reset=False pool's idle ones may hold a transaction.
         key = self._recipe.key
@@ -444,6 +445,7 @@ class PooledDB(fork.ProcessBound):
                 " cannot be pooled; use PersistentDB or another driver"
             )
         con._jitter = 1.0 - 0.1 * random.random()
+        con._pool_life = self._life
         self._stats["connections_created"] += 1
         return con
 
@@ -830,6 +832,9 @@ class PooledDB(fork.ProcessBound):
         if (not _page[0] or con._pid != fork.cached_pid) and con._pid != fork.getpid():
             con._discard()  # checked out before a fork: not ours to reuse or close
             return
+        if not self._life[0]:  # a proxy collected with its pool gives back
+            self._close_con(con)
+            return
         if self._reset or con._transaction:
             con._reset(self._reset)
         if con._reconnects:  # since checkout, the reset's included
@@ -987,6 +992,9 @@ class PooledDB(fork.ProcessBound):
             self._close_con(con)
 
     def __del__(self) -> None:
+        life = self.__dict__.get("_life")
+        if life is not None:
+            life[0] = False  # its connections close themselves, and cache() closes them
         if self.__dict__.get("_idle") or self.__dict__.get("_shared_cache"):
             with suppress(Exception):
                 self.close()

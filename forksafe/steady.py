@@ -226,6 +226,8 @@ class SteadyDBConnection:
     _reconnects: int
     _jitter: float  # fraction of a pool's maxage this connection may live
     _idle_since: float  # when a pool last took it back
+    # Whether the pool that opened it is alive (its one item), if a pool did: see __del__.
+    _pool_life: list[bool] | None = None
     # See drivers.transaction_probe(); None: the driver cannot tell.
     _in_transaction: Callable[[Any], object] | None
     _quiet: Callable[[Any], bool] | None
@@ -689,6 +691,14 @@ class SteadyDBConnection:
         return steady
 
     def __del__(self) -> None:
+        life = self._pool_life
+        if life is not None and life[0] and not self._closed and self._pid == fork.getpid():
+            # Collected while checked out, in a reference cycle with its proxy, whose
+            # finaliser gives it back to its pool (before or after this one runs): closed
+            # here, it could close under a thread that took it from the pool meanwhile.
+            # A pool that is collected too closes it (PooledDB.__del__ and cache()); a
+            # pool closes what it drops; else the driver's own finaliser closes it.
+            return
         with suppress(Exception):
             self._close()
 

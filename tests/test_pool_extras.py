@@ -400,6 +400,57 @@ def test_a_connection_collected_in_a_reference_cycle_leaves_the_pool_sound(
     pool.close()
 
 
+def test_a_connection_collected_with_its_proxy_never_closes_under_its_next_user(
+    tmp_path: Any,
+) -> None:
+    """The collector may finalise the proxy first: it gives the connection back, and a
+    waiting thread takes it while another finaliser of the same garbage lets the GIL go.
+    The connection's own finaliser, run next, must leave it open: its pool lives."""
+
+    class Sleeper:
+        def __del__(self) -> None:
+            time.sleep(0.3)  # as another proxy's rollback would: I/O, the GIL released
+
+    pool = PooledDB(
+        sqlite3,
+        maxconnections=1,
+        blocking=True,
+        database=str(tmp_path / "race.db"),
+        check_same_thread=False,
+    )
+    answers: list[Any] = []
+
+    def waiter() -> None:
+        with pool.connection() as db:
+            for _ in range(2):
+                try:
+                    cursor = db.cursor()
+                    cursor.execute("SELECT 42")
+                    answers.append(cursor.fetchone()[0])
+                except Exception as error:
+                    answers.append(repr(error))
+                time.sleep(0.5)  # meanwhile the collector carries on
+
+    gc.disable()
+    try:
+        db = pool.connection()
+        sleeper = Sleeper()
+        gc.collect()  # survivors keep their order: proxy, sleeper, then its connection
+        holder: dict[str, Any] = {"db": db, "sleeper": sleeper}
+        holder["self"] = holder
+        del db, sleeper, holder
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.2)  # the waiter waits for the one slot
+        gc.collect()
+        thread.join(10)
+    finally:
+        gc.enable()
+    assert answers == [42, 42]
+    assert pool.stats()["connections_created"] == 1
+    pool.close()
+
+
 def test_a_connection_closed_while_idle_is_replaced_not_handed_out(tmp_path: Any) -> None:
     """The collector can close an idle connection (see the test above): on SQLite, whose
     closed connections raise ProgrammingError (no failover), handing it out would fail."""
