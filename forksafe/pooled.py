@@ -246,7 +246,12 @@ class _Lease:
 
     def __init__(self) -> None:
         self.since = time.monotonic()
-        self.stack = "".join(traceback.format_stack(limit=12)[:-3])
+        # The checkout's caller and its callers: the frames of this module (which has
+        # one or two on the way, by whether the C checkout runs) left out.
+        frame = sys._getframe(1)
+        while frame.f_back is not None and frame.f_code.co_filename == __file__:
+            frame = frame.f_back
+        self.stack = "".join(traceback.format_stack(frame, limit=9))
         self.warned = False
 
 
@@ -278,7 +283,21 @@ class PooledDB(fork.ProcessBound):
     Opens no connection.
     """
 
-    _pid = 0  # no process's until its state is built (siblings read it to borrow)
+    # What the hot paths read live in slots (see forksafe.speedups); the rest in __dict__.
+    __slots__ = (
+        "_given_back",
+        "_idle",
+        "_leaktime",
+        "_lean_return",
+        "_life",
+        "_maxshared",
+        "_pid",
+        "_recycling",
+        "_reset",
+        "_slots",
+        "_taken",
+        "_warm",
+    )
 
     def __init__(
         self,
@@ -301,6 +320,7 @@ class PooledDB(fork.ProcessBound):
         leaktime: float | None = None,
         **kwargs: Any,
     ) -> None:
+        self._pid = 0  # no process's until its state is built (siblings read it to borrow)
         self._idle: deque[SteadyDBConnection] = deque()
         threadsafety = _threadsafety(creator)
         if not threadsafety:
@@ -629,8 +649,7 @@ class PooledDB(fork.ProcessBound):
                 else:
                     con._ping_check()
             except BaseException:
-                self._give_back_slot()
-                self._close_con(con)  # whatever state the failed ping left it in
+                self._drop_checkout(con)
                 raise
         proxy = _new_proxy(PooledDedicatedDBConnection)  # no __init__ call: hot path
         proxy._pool = self
@@ -638,6 +657,12 @@ class PooledDB(fork.ProcessBound):
         if self._leaktime is not None:
             self._lease(proxy)
         return proxy
+
+    def _drop_checkout(self, con: SteadyDBConnection) -> None:
+        """A checkout failed in its ping: give the slot back and close ``con``, whatever
+        state the failed ping left it in."""
+        self._give_back_slot()
+        self._close_con(con)
 
     def _dedicated_in_shared_pool(self) -> SteadyDBConnection | None:
         """Take a slot, waiting for one at ``maxconnections``, and an idle connection
@@ -992,10 +1017,10 @@ class PooledDB(fork.ProcessBound):
             self._close_con(con)
 
     def __del__(self) -> None:
-        life = self.__dict__.get("_life")
+        life = getattr(self, "_life", None)  # None: __init__ failed early
         if life is not None:
             life[0] = False  # its connections close themselves, and cache() closes them
-        if self.__dict__.get("_idle") or self.__dict__.get("_shared_cache"):
+        if getattr(self, "_idle", None) or self.__dict__.get("_shared_cache"):
             with suppress(Exception):
                 self.close()
 
@@ -1016,7 +1041,12 @@ class _PooledProxy:
     """What both kinds of checked-out connection share: delegation to the steady
     connection while checked out, :class:`InvalidConnectionError` after ``close()``."""
 
-    _con: SteadyDBConnection | None = None
+    # What the hot paths read live in slots (see forksafe.speedups); both kinds of proxy
+    # set them when made.
+    __slots__ = ("__dict__", "__weakref__", "_con", "_pool")
+
+    _pool: PooledDB
+    _con: SteadyDBConnection | None
 
     def close(self) -> None:
         raise NotImplementedError
@@ -1048,6 +1078,7 @@ class _PooledProxy:
             cursor = con._cursor_failed(error, (), {}, overused=False)
         steady = _new_cursor(cls)
         steady._con = con
+        steady._sized = False
         if type(cursor) is cls._made_for:
             steady._cursor = cursor
             steady._closed = False
@@ -1083,8 +1114,6 @@ class PooledDedicatedDBConnection(_PooledProxy):
     :class:`InvalidConnectionError`. Dropped without ``close()``, it returns the
     connection itself (and is reported when the pool has a ``leaktime``).
     """
-
-    _pool: PooledDB
 
     def close(self) -> None:
         """Return the connection to the pool. Idempotent."""

@@ -200,6 +200,23 @@ class SteadyDBConnection:
     parameter, and whatever the driver raises when the first connect fails.
     """
 
+    # What the hot paths read live in slots (see forksafe.speedups); the rest in __dict__.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_closed",
+        "_con",
+        "_cursor_class",
+        "_failures",
+        "_in_transaction",
+        "_ping",
+        "_plain",
+        "_plain_ping",
+        "_reconnects",
+        "_token",
+        "_transaction",
+    )
+
     # Every instance attribute is declared here: a pool's proxies forward these names.
     _con: Any
     _closed: bool
@@ -683,6 +700,7 @@ class SteadyDBConnection:
             cursor = self._cursor_failed(error, (), {}, overused=False)
         steady = _new_cursor(cls)
         steady._con = self
+        steady._sized = False
         if type(cursor) is cls._made_for:
             steady._cursor = cursor
             steady._closed = False
@@ -719,14 +737,19 @@ class SteadyDBCursor:
     Dropping a steady cursor leaves its driver cursor to the driver's own finaliser.
     """
 
-    _cursor: Any = None
-    _closed = True
+    # What the hot paths read live in slots (see forksafe.speedups); every way of making
+    # a steady cursor sets them.
+    __slots__ = ("__dict__", "__weakref__", "_closed", "_con", "_cursor", "_sized")
+
+    _con: SteadyDBConnection
+    _cursor: Any
+    _closed: bool
+    _sized: bool  # sizes were set for the next execute*() (one check for its fast path)
     _args: tuple[Any, ...] = ()  # the arguments of cursor(), reused for a new driver cursor
     _kwargs: Mapping[str, Any] = types.MappingProxyType({})
     _no_failover = 0
     _inputsizes: Any = None
     _outputsizes: dict[Any, Any] | None = None
-    _sized = False  # sizes were set for the next execute*() (one check for its fast path)
     _made_for: type | None = None  # the driver cursor type of a per-driver subclass
 
     def __init_subclass__(cls, forwarding: bool = False, **kwargs: Any) -> None:
@@ -735,6 +758,9 @@ class SteadyDBCursor:
             cls.__getattr__ = _forward_by_name  # type: ignore[attr-defined]
 
     def __init__(self, con: SteadyDBConnection, *args: Any, **kwargs: Any) -> None:
+        self._cursor = None
+        self._closed = True
+        self._sized = False
         if not isinstance(con, SteadyDBConnection):
             raise TypeError(f"{con!r} is not a SteadyDBConnection")
         self._con = con
@@ -856,11 +882,15 @@ class SteadyDBCursor:
             try:
                 result = self._cursor.execute(*args, **kwargs)
             except con._failures as error:
-                if self._no_failover or not con._fatal_check(error):
-                    raise
-                return self._failover("execute", args, kwargs, error, overused=False)
+                return self._execute_failed(error, args, kwargs)
             return result  # not counted: a plain connection has no maxusage to reach
         return self._call("execute", args, kwargs, True)
+
+    def _execute_failed(self, error: Exception, args: Any, kwargs: Any) -> Any:
+        """The fast path of :meth:`execute` after the driver raised one of ``failures``."""
+        if self._no_failover or not self._con._fatal_check(error):
+            raise error
+        return self._failover("execute", args, kwargs, error, overused=False)
 
     def executemany(self, *args: Any, **kwargs: Any) -> Any:
         """Execute a statement for many parameter sets, with the same failover."""
