@@ -5,6 +5,7 @@ driver. In a forked child, inherited connections are discarded without a byte se
 the server, and the child opens its own on first use. See :mod:`forksafe.pooled`.
 """
 
+from forksafe import speedups
 from forksafe.errors import (
     ForkedConnectionError,
     ForksafeError,
@@ -24,6 +25,8 @@ from forksafe.fork import after_fork
 from forksafe.persistent import PersistentDB
 from forksafe.pooled import ManyPoolsWarning, PooledDB
 from forksafe.steady import SteadyDBConnection, SteadyDBCursor
+
+speedups.install()
 
 __all__ = [
     "ForkedConnectionError",

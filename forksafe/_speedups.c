@@ -1,0 +1,864 @@
+/* C versions of the pools' hot paths; see forksafe/speedups.py.
+ *
+ * Each function here replaces a Python method of the same name on a forksafe class and
+ * handles only that method's common case, exactly as the Python method does. Anything
+ * else (another process, a closed or recycled connection, a failure, arguments it does
+ * not take) goes to the Python method it replaced, kept on the class as _py_<name>, or
+ * to the Python helpers that method calls, before this code has changed anything.
+ *
+ * The fields read here are __slots__ of the Python classes: their offsets are taken from
+ * the classes' member descriptors at install(), and every object is type-checked against
+ * the class whose offsets are used before a field is read.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#define FIELD(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+/* The classes and the offsets of their slots. */
+static PyTypeObject *pool_type, *proxy_type, *dedicated_type, *con_type, *cursor_type;
+
+static Py_ssize_t pool_pid, pool_warm, pool_maxshared, pool_slots, pool_taken, pool_idle,
+    pool_recycling, pool_leaktime, pool_lean_return, pool_reset, pool_given_back;
+static Py_ssize_t proxy_pool, proxy_con;
+static Py_ssize_t con_con, con_closed, con_token, con_plain, con_plain_ping, con_ping,
+    con_transaction, con_reconnects, con_in_transaction, con_failures, con_cursor_class;
+static Py_ssize_t cur_con, cur_cursor, cur_closed, cur_sized;
+
+/* fork.page (its byte 0 is zeroed in a forked child) and fork.armed (byte 0: the
+ * process's token), held for the life of the process; fork's namespace for cached_pid. */
+static Py_buffer page_view, armed_view;
+static PyObject *fork_dict;
+static PyObject *queue_empty;
+
+static PyObject *s_cached_pid, *s_get, *s_put, *s_popleft, *s_append, *s_cursor, *s_execute,
+    *s_fetchone, *s_close, *s_rollback, *s_ping, *s_made_for, *s_adopt, *s_cursor_failed,
+    *s_execute_failed, *s_wait_for_token, *s_fit, *s_ping_raised, *s_ping_dead, *s_ping_check,
+    *s_drop_checkout, *s_lease, *s_count_reconnects, *s_rollback_ = NULL,
+    *s_rollback_failed, *s_py_connection, *s_py_cursor, *s_py_close, *s_py_del,
+    *s_py_execute, *s_py_fetchone;
+
+/* -- helpers ------------------------------------------------------------------------ */
+
+/* Truth of a field: -1 (an error set) for a missing one or a failing __bool__. */
+static int
+truth(PyObject *value)
+{
+    if (value == Py_True)
+        return 1;
+    if (value == Py_False || value == Py_None)
+        return 0;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "forksafe: slot not set");
+        return -1;
+    }
+    return PyObject_IsTrue(value);
+}
+
+/* Whether a connection's token is the armed one (the process that made it, known). */
+static int
+token_armed(PyObject *con)
+{
+    PyObject *token = FIELD(con, con_token);
+    if (token == NULL || !PyLong_CheckExact(token))
+        return 0;
+    long value = PyLong_AsLong(token);
+    if (value == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return value == ((unsigned char *)armed_view.buf)[0];
+}
+
+/* Whether ``pool``'s pid is this process's, by the page (no system call). */
+static int
+pool_pid_current(PyObject *pool)
+{
+    if (!((unsigned char *)page_view.buf)[0])
+        return 0;
+    PyObject *pid = FIELD(pool, pool_pid);
+    PyObject *cached = PyDict_GetItemWithError(fork_dict, s_cached_pid); /* borrowed */
+    if (pid == NULL || cached == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (pid == cached)
+        return 1;
+    int equal = PyObject_RichCompareBool(pid, cached, Py_EQ);
+    if (equal < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return equal;
+}
+
+static PyObject *
+call0(PyObject *self, PyObject *name)
+{
+    return PyObject_VectorcallMethod(name, &self, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+static PyObject *
+call1(PyObject *self, PyObject *name, PyObject *arg)
+{
+    PyObject *args[2] = {self, arg};
+    return PyObject_VectorcallMethod(name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+/* Call and drop the result; 0 or -1 (error set). */
+static int
+run0(PyObject *self, PyObject *name)
+{
+    PyObject *result = call0(self, name);
+    Py_XDECREF(result);
+    return result == NULL ? -1 : 0;
+}
+
+static int
+run1(PyObject *self, PyObject *name, PyObject *arg)
+{
+    PyObject *result = call1(self, name, arg);
+    Py_XDECREF(result);
+    return result == NULL ? -1 : 0;
+}
+
+/* next(counter), the result dropped. */
+static int
+count(PyObject *counter)
+{
+    iternextfunc next = Py_TYPE(counter)->tp_iternext;
+    PyObject *value = next == NULL ? NULL : next(counter);
+    if (value == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "forksafe: counter exhausted");
+        return -1;
+    }
+    Py_DECREF(value);
+    return 0;
+}
+
+/* The raised exception as one object (the traceback attached), the error cleared. */
+static PyObject *
+take_error(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL)
+        PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
+/* Fall back to the Python method kept as ``name``, with a vectorcall's arguments. */
+static PyObject *
+fall_back(PyObject *self, PyObject *name, PyObject *const *args, Py_ssize_t nargs,
+          PyObject *kwnames)
+{
+    Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
+    PyObject *small[8];
+    PyObject **stack = small;
+    if (total + 1 > 8) {
+        stack = PyMem_Malloc((total + 1) * sizeof(PyObject *));
+        if (stack == NULL)
+            return PyErr_NoMemory();
+    }
+    stack[0] = self;
+    for (Py_ssize_t i = 0; i < total; i++)
+        stack[i + 1] = args[i];
+    PyObject *result = PyObject_VectorcallMethod(name, stack, nargs + 1, kwnames);
+    if (stack != small)
+        PyMem_Free(stack);
+    return result;
+}
+
+/* -- SteadyDBConnection.cursor() and the proxies' cursor() --------------------------- */
+
+/* A steady cursor on ``con`` without arguments: the fast path of
+ * SteadyDBConnection.cursor(). NULL with no error set: not the fast path's case. */
+static PyObject *
+plain_cursor(PyObject *con)
+{
+    int plain = truth(FIELD(con, con_plain));
+    if (plain <= 0 || !token_armed(con)) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *cls = FIELD(con, con_cursor_class);
+    PyObject *driver_con = FIELD(con, con_con);
+    if (cls == NULL || driver_con == NULL || !PyType_Check(cls) ||
+        !PyType_IsSubtype((PyTypeObject *)cls, cursor_type))
+        return NULL;
+    PyTypeObject *kind = (PyTypeObject *)cls;
+    Py_INCREF(kind); /* _adopt() or a reconnect may replace the class on con */
+    Py_INCREF(driver_con);
+    PyObject *cursor = call0(driver_con, s_cursor);
+    Py_DECREF(driver_con);
+    if (cursor == NULL) {
+        PyObject *failures = FIELD(con, con_failures);
+        if (failures == NULL || !PyErr_ExceptionMatches(failures)) {
+            Py_DECREF(kind);
+            return NULL; /* error set: raised as the Python code would */
+        }
+        PyObject *error = take_error();
+        PyObject *no_args = PyTuple_New(0);
+        PyObject *no_kwargs = PyDict_New();
+        if (error != NULL && no_args != NULL && no_kwargs != NULL) {
+            PyObject *args[5] = {con, error, no_args, no_kwargs, Py_False};
+            cursor = PyObject_VectorcallMethod(s_cursor_failed, args,
+                                               5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        }
+        Py_XDECREF(error);
+        Py_XDECREF(no_args);
+        Py_XDECREF(no_kwargs);
+        if (cursor == NULL) {
+            Py_DECREF(kind);
+            return NULL;
+        }
+    }
+    PyObject *steady = kind->tp_alloc(kind, 0);
+    if (steady == NULL) {
+        Py_DECREF(kind);
+        Py_DECREF(cursor);
+        return NULL;
+    }
+    Py_INCREF(con);
+    FIELD(steady, cur_con) = con;
+    Py_INCREF(Py_False);
+    FIELD(steady, cur_sized) = Py_False;
+    PyObject *made_for = PyObject_GetAttr((PyObject *)kind, s_made_for);
+    Py_DECREF(kind);
+    if (made_for == NULL) {
+        Py_DECREF(cursor);
+        Py_DECREF(steady);
+        return NULL;
+    }
+    if ((PyObject *)Py_TYPE(cursor) == made_for) {
+        FIELD(steady, cur_cursor) = cursor; /* reference passed on */
+        Py_INCREF(Py_False);
+        FIELD(steady, cur_closed) = Py_False;
+    }
+    else {
+        PyObject *args[3] = {steady, cursor, Py_True};
+        PyObject *result =
+            PyObject_VectorcallMethod(s_adopt, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(cursor);
+        if (result == NULL) {
+            Py_DECREF(made_for);
+            Py_DECREF(steady);
+            return NULL;
+        }
+        Py_DECREF(result);
+    }
+    Py_DECREF(made_for);
+    return steady;
+}
+
+static PyObject *
+connection_cursor(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs == 0 && kwnames == NULL && Py_TYPE(self) == con_type) {
+        PyObject *steady = plain_cursor(self);
+        if (steady != NULL || PyErr_Occurred())
+            return steady;
+    }
+    return fall_back(self, s_py_cursor, args, nargs, kwnames);
+}
+
+static PyObject *
+proxy_cursor(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *con = FIELD(self, proxy_con);
+    if (nargs == 0 && kwnames == NULL && con != NULL && Py_TYPE(con) == con_type) {
+        Py_INCREF(con);
+        PyObject *steady = plain_cursor(con);
+        Py_DECREF(con);
+        if (steady != NULL || PyErr_Occurred())
+            return steady;
+    }
+    return fall_back(self, s_py_cursor, args, nargs, kwnames);
+}
+
+/* -- SteadyDBCursor ----------------------------------------------------------------- */
+
+static PyObject *
+stack_tuple(PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *tuple = PyTuple_New(nargs);
+    if (tuple == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SET_ITEM(tuple, i, args[i]);
+    }
+    return tuple;
+}
+
+static PyObject *
+stack_dict(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *dict = PyDict_New();
+    if (dict == NULL || kwnames == NULL)
+        return dict;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++) {
+        if (PyDict_SetItem(dict, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0) {
+            Py_DECREF(dict);
+            return NULL;
+        }
+    }
+    return dict;
+}
+
+/* The steady connection of a cursor, if the fast paths apply to it (borrowed). */
+static PyObject *
+cursor_con(PyObject *self)
+{
+    PyObject *con = FIELD(self, cur_con);
+    if (con == NULL || Py_TYPE(con) != con_type || FIELD(self, cur_cursor) == NULL ||
+        !token_armed(con))
+        return NULL;
+    return con;
+}
+
+static PyObject *
+cursor_execute(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *con = cursor_con(self);
+    if (con == NULL || FIELD(self, cur_sized) != Py_False || FIELD(con, con_plain) != Py_True)
+        return fall_back(self, s_py_execute, args, nargs, kwnames);
+    PyObject *driver = FIELD(self, cur_cursor);
+    Py_INCREF(driver);
+    Py_INCREF(con);
+    PyObject *result = fall_back(driver, s_execute, args, nargs, kwnames);
+    Py_DECREF(driver);
+    if (result == NULL) {
+        PyObject *failures = FIELD(con, con_failures);
+        if (failures != NULL && PyErr_ExceptionMatches(failures)) {
+            PyObject *error = take_error();
+            PyObject *tuple = stack_tuple(args, nargs);
+            PyObject *dict = stack_dict(args, nargs, kwnames);
+            if (error != NULL && tuple != NULL && dict != NULL) {
+                PyObject *call[4] = {self, error, tuple, dict};
+                result = PyObject_VectorcallMethod(s_execute_failed, call,
+                                                   4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            }
+            Py_XDECREF(error);
+            Py_XDECREF(tuple);
+            Py_XDECREF(dict);
+        }
+    }
+    Py_DECREF(con);
+    return result;
+}
+
+static PyObject *
+cursor_fetchone(PyObject *self, PyObject *unused)
+{
+    if (cursor_con(self) == NULL)
+        return call0(self, s_py_fetchone);
+    PyObject *driver = FIELD(self, cur_cursor);
+    Py_INCREF(driver);
+    PyObject *row = call0(driver, s_fetchone);
+    Py_DECREF(driver);
+    return row;
+}
+
+static PyObject *
+cursor_close(PyObject *self, PyObject *unused)
+{
+    PyObject *closed = FIELD(self, cur_closed);
+    if (closed == Py_True)
+        Py_RETURN_NONE;
+    if (closed != Py_False || cursor_con(self) == NULL)
+        return call0(self, s_py_close);
+    PyObject *driver = FIELD(self, cur_cursor);
+    Py_INCREF(driver);
+    Py_INCREF(Py_True);
+    FIELD(self, cur_closed) = Py_True;
+    Py_DECREF(Py_False); /* the old value */
+    PyObject *result = call0(driver, s_close);
+    Py_DECREF(driver);
+    if (result == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear();
+    }
+    else {
+        Py_DECREF(result);
+    }
+    Py_RETURN_NONE;
+}
+
+/* -- PooledDB.connection() ---------------------------------------------------------- */
+
+/* The ping of a checkout (the pool's inlined con._ping_check()); 0 or -1. */
+static int
+checkout_ping(PyObject *con)
+{
+    PyObject *flags = FIELD(con, con_ping);
+    if (flags == NULL || !PyLong_Check(flags)) {
+        PyErr_SetString(PyExc_AttributeError, "forksafe: _ping not set");
+        return -1;
+    }
+    long ping = PyLong_AsLong(flags);
+    if (ping == -1 && PyErr_Occurred())
+        return -1;
+    if (!(ping & 1))
+        return 0;
+    int plain_ping = truth(FIELD(con, con_plain_ping));
+    if (plain_ping < 0)
+        return -1;
+    PyObject *driver_con = FIELD(con, con_con);
+    if (!plain_ping || !token_armed(con) || driver_con == NULL)
+        return run0(con, s_ping_check);
+    Py_INCREF(driver_con);
+    PyObject *alive = call1(driver_con, s_ping, Py_False);
+    Py_DECREF(driver_con);
+    if (alive == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyObject *error = take_error();
+        if (error == NULL)
+            return -1;
+        PyObject *args[3] = {con, error, Py_True};
+        PyObject *result =
+            PyObject_VectorcallMethod(s_ping_raised, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(error);
+        Py_XDECREF(result);
+        return result == NULL ? -1 : 0;
+    }
+    int dead = 0;
+    if (alive != Py_None) {
+        int truthy = PyObject_IsTrue(alive);
+        if (truthy < 0) {
+            Py_DECREF(alive);
+            return -1;
+        }
+        dead = !truthy;
+    }
+    Py_DECREF(alive);
+    return dead ? run1(con, s_ping_dead, Py_True) : 0;
+}
+
+static PyObject *
+pool_connection(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *slots = FIELD(self, pool_slots), *taken = FIELD(self, pool_taken);
+    PyObject *idle = FIELD(self, pool_idle), *recycling = FIELD(self, pool_recycling);
+    PyObject *leaktime = FIELD(self, pool_leaktime);
+    if (nargs || kwnames || !pool_pid_current(self) || FIELD(self, pool_warm) != Py_True ||
+        truth(FIELD(self, pool_maxshared)) != 0 || slots == NULL || taken == NULL ||
+        idle == NULL || recycling == NULL || leaktime == NULL) {
+        PyErr_Clear();
+        return fall_back(self, s_py_connection, args, nargs, kwnames);
+    }
+    /* From here on, as connection() from its "else" on (no sharing). */
+    Py_INCREF(slots);
+    Py_INCREF(taken);
+    Py_INCREF(idle);
+    Py_INCREF(leaktime);
+    PyObject *con = NULL, *proxy = NULL;
+    if (slots != Py_None) {
+        PyObject *token = call1(slots, s_get, Py_False);
+        if (token == NULL) {
+            if (!PyErr_ExceptionMatches(queue_empty))
+                goto done;
+            PyErr_Clear();
+            if (run1(self, s_wait_for_token, slots) < 0)
+                goto done;
+        }
+        else {
+            Py_DECREF(token);
+        }
+    }
+    if (count(taken) < 0)
+        goto done;
+    con = call0(idle, s_popleft);
+    if (con == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_IndexError))
+            goto done;
+        PyErr_Clear();
+        con = Py_NewRef(Py_None);
+    }
+    int fit = con == Py_None || Py_TYPE(con) != con_type;
+    if (!fit) {
+        int closed = truth(FIELD(con, con_closed));
+        int recycle = truth(recycling);
+        if (closed < 0 || recycle < 0)
+            goto ping_failed; /* a slot not set: as an AttributeError of the ping */
+        fit = closed || recycle;
+    }
+    if (fit) {
+        PyObject *ready = call1(self, s_fit, con);
+        Py_SETREF(con, ready);
+        if (con == NULL)
+            goto done;
+    }
+    else if (checkout_ping(con) < 0) {
+    ping_failed:;
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        if (run1(self, s_drop_checkout, con) < 0) {
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(traceback);
+        }
+        else {
+            PyErr_Restore(type, value, traceback);
+        }
+        goto done;
+    }
+    proxy = dedicated_type->tp_alloc(dedicated_type, 0);
+    if (proxy == NULL)
+        goto done;
+    Py_INCREF(self);
+    FIELD(proxy, proxy_pool) = self;
+    FIELD(proxy, proxy_con) = con; /* reference passed on */
+    con = NULL;
+    if (leaktime != Py_None && run1(self, s_lease, proxy) < 0)
+        Py_CLEAR(proxy); /* dropped: it gives its connection back */
+done:
+    Py_XDECREF(con);
+    Py_DECREF(slots);
+    Py_DECREF(taken);
+    Py_DECREF(idle);
+    Py_DECREF(leaktime);
+    return proxy;
+}
+
+/* -- PooledDedicatedDBConnection.close() and __del__ --------------------------------- */
+
+/* con._rollback() as the lean return calls it; 0 or -1. */
+static int
+lean_reset(PyObject *pool, PyObject *con)
+{
+    int flag = truth(FIELD(con, con_closed));
+    if (flag != 0)
+        return flag < 0 ? -1 : 0;
+    flag = truth(FIELD(con, con_transaction));
+    if (flag < 0)
+        return -1;
+    if (flag) {
+        PyObject *error = call0(con, s_rollback_);
+        if (error == NULL)
+            return -1;
+        int reconnected = error == Py_None ? 0 : truth(FIELD(con, con_reconnects));
+        Py_DECREF(error);
+        if (reconnected < 0)
+            return -1;
+        return reconnected ? run1(pool, s_count_reconnects, con) : 0;
+    }
+    flag = truth(FIELD(pool, pool_reset));
+    if (flag <= 0)
+        return flag;
+    PyObject *probe = FIELD(con, con_in_transaction);
+    PyObject *driver_con = FIELD(con, con_con);
+    if (probe == NULL || driver_con == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "forksafe: connection slot not set");
+        return -1;
+    }
+    Py_INCREF(driver_con);
+    int open = 1;
+    if (probe != Py_None) {
+        Py_INCREF(probe);
+        PyObject *state = PyObject_CallOneArg(probe, driver_con);
+        Py_DECREF(probe);
+        if (state == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                Py_DECREF(driver_con);
+                return -1;
+            }
+            PyErr_Clear();
+        }
+        else {
+            open = state == Py_None ? 1 : PyObject_IsTrue(state);
+            Py_DECREF(state);
+            if (open < 0) {
+                /* A state whose truth raised: as the Python code, which raises it. */
+                Py_DECREF(driver_con);
+                return -1;
+            }
+        }
+    }
+    int status = 0;
+    if (open) {
+        PyObject *result = call0(driver_con, s_rollback);
+        if (result != NULL) {
+            Py_DECREF(result);
+        }
+        else if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            status = -1;
+        }
+        else {
+            PyObject *error = take_error();
+            PyObject *returned = error == NULL ? NULL : call1(con, s_rollback_failed, error);
+            Py_XDECREF(error);
+            if (returned == NULL) {
+                status = -1;
+            }
+            else {
+                Py_DECREF(returned);
+                int reconnected = truth(FIELD(con, con_reconnects));
+                if (reconnected < 0)
+                    status = -1;
+                else if (reconnected)
+                    status = run1(pool, s_count_reconnects, con);
+            }
+        }
+    }
+    Py_DECREF(driver_con);
+    return status;
+}
+
+static PyObject *
+dedicated_close(PyObject *self, PyObject *unused)
+{
+    PyObject *con = FIELD(self, proxy_con);
+    if (con == Py_None)
+        Py_RETURN_NONE;
+    PyObject *pool = FIELD(self, proxy_pool);
+    if (con == NULL || pool == NULL || Py_TYPE(con) != con_type ||
+        !PyObject_TypeCheck(pool, pool_type) || FIELD(pool, pool_lean_return) != Py_True ||
+        !token_armed(con) || truth(FIELD(con, con_reconnects)) != 0 ||
+        FIELD(pool, pool_idle) == NULL || FIELD(pool, pool_given_back) == NULL ||
+        FIELD(pool, pool_slots) == NULL) {
+        PyErr_Clear();
+        return call0(self, s_py_close);
+    }
+    /* pool.cache(con)'s common case, as the Python close() inlines it. */
+    Py_INCREF(pool);
+    Py_INCREF(Py_None);
+    FIELD(self, proxy_con) = Py_None; /* the reference to con passes to this function */
+    PyObject *result = NULL;
+    if (lean_reset(pool, con) < 0)
+        goto done;
+    int closed = truth(FIELD(con, con_closed));
+    if (closed < 0)
+        goto done;
+    if (!closed) {
+        PyObject *idle = FIELD(pool, pool_idle);
+        if (idle == NULL)
+            goto done;
+        Py_INCREF(idle);
+        int status = run1(idle, s_append, con);
+        Py_DECREF(idle);
+        if (status < 0)
+            goto done;
+    }
+    PyObject *given_back = FIELD(pool, pool_given_back);
+    if (given_back == NULL || count(given_back) < 0)
+        goto done;
+    PyObject *slots = FIELD(pool, pool_slots);
+    if (slots != NULL && slots != Py_None) {
+        Py_INCREF(slots);
+        int status = run1(slots, s_put, Py_True);
+        Py_DECREF(slots);
+        if (status < 0)
+            goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    if (result == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_AttributeError, "forksafe: pool slot not set");
+    Py_DECREF(con);
+    Py_DECREF(pool);
+    return result;
+}
+
+static PyObject *
+dedicated_del(PyObject *self, PyObject *unused)
+{
+    PyObject *con = FIELD(self, proxy_con);
+    if (con == NULL || con == Py_None)
+        Py_RETURN_NONE;
+    return call0(self, s_py_del);
+}
+
+/* -- install() ---------------------------------------------------------------------- */
+
+static PyMethodDef connection_def = {"connection", (PyCFunction)(void (*)(void))pool_connection,
+                                     METH_FASTCALL | METH_KEYWORDS, NULL};
+static PyMethodDef proxy_cursor_def = {"cursor", (PyCFunction)(void (*)(void))proxy_cursor,
+                                       METH_FASTCALL | METH_KEYWORDS, NULL};
+static PyMethodDef con_cursor_def = {"cursor", (PyCFunction)(void (*)(void))connection_cursor,
+                                     METH_FASTCALL | METH_KEYWORDS, NULL};
+static PyMethodDef close_def = {"close", dedicated_close, METH_NOARGS, NULL};
+static PyMethodDef del_def = {"__del__", dedicated_del, METH_NOARGS, NULL};
+static PyMethodDef execute_def = {"execute", (PyCFunction)(void (*)(void))cursor_execute,
+                                  METH_FASTCALL | METH_KEYWORDS, NULL};
+static PyMethodDef fetchone_def = {"fetchone", cursor_fetchone, METH_NOARGS, NULL};
+static PyMethodDef cursor_close_def = {"close", cursor_close, METH_NOARGS, NULL};
+
+/* The offset of slot ``name`` of ``type`` (a member descriptor of its own), or -1. */
+static Py_ssize_t
+slot_offset(PyTypeObject *type, const char *name)
+{
+    PyObject *descr = PyDict_GetItemString(type->tp_dict, name); /* borrowed */
+    if (descr == NULL || Py_TYPE(descr) != &PyMemberDescr_Type ||
+        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "forksafe: %s.%s is not a slot", type->tp_name, name);
+        return -1;
+    }
+    return ((PyMemberDescrObject *)descr)->d_member->offset;
+}
+
+/* Put a C method ``def`` on ``type``, its docstring taken from the Python method. */
+static int
+set_method(PyTypeObject *type, PyMethodDef *def)
+{
+    PyObject *python = PyDict_GetItemString(type->tp_dict, def->ml_name); /* borrowed */
+    if (python != NULL) {
+        PyObject *doc = PyObject_GetAttrString(python, "__doc__");
+        if (doc == NULL)
+            return -1;
+        if (PyUnicode_Check(doc))
+            def->ml_doc = PyUnicode_AsUTF8(doc); /* kept alive by the Python method */
+        Py_DECREF(doc);
+    }
+    PyObject *descr = PyDescr_NewMethod(type, def);
+    if (descr == NULL)
+        return -1;
+    int status = PyObject_SetAttrString((PyObject *)type, def->ml_name, descr);
+    Py_DECREF(descr);
+    return status;
+}
+
+static int
+take_type(PyObject *arg, PyTypeObject **slot)
+{
+    if (!PyType_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "forksafe: install() takes classes");
+        return -1;
+    }
+    Py_INCREF(arg);
+    *slot = (PyTypeObject *)arg;
+    return 0;
+}
+
+#define OFFSET(var, type, name)                   \
+    if ((var = slot_offset(type, name)) < 0)      \
+        return NULL;
+
+static PyObject *
+install(PyObject *module, PyObject *args)
+{
+    PyObject *pool, *proxy, *dedicated, *con, *cursor, *page, *armed, *fork, *empty;
+    if (pool_type != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "forksafe: speedups already installed");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO:install", &pool, &proxy, &dedicated, &con, &cursor,
+                          &page, &armed, &fork, &empty))
+        return NULL;
+    if (take_type(pool, &pool_type) < 0 || take_type(proxy, &proxy_type) < 0 ||
+        take_type(dedicated, &dedicated_type) < 0 || take_type(con, &con_type) < 0 ||
+        take_type(cursor, &cursor_type) < 0)
+        return NULL;
+    OFFSET(pool_pid, pool_type, "_pid");
+    OFFSET(pool_warm, pool_type, "_warm");
+    OFFSET(pool_maxshared, pool_type, "_maxshared");
+    OFFSET(pool_slots, pool_type, "_slots");
+    OFFSET(pool_taken, pool_type, "_taken");
+    OFFSET(pool_idle, pool_type, "_idle");
+    OFFSET(pool_recycling, pool_type, "_recycling");
+    OFFSET(pool_leaktime, pool_type, "_leaktime");
+    OFFSET(pool_lean_return, pool_type, "_lean_return");
+    OFFSET(pool_reset, pool_type, "_reset");
+    OFFSET(pool_given_back, pool_type, "_given_back");
+    OFFSET(proxy_pool, proxy_type, "_pool");
+    OFFSET(proxy_con, proxy_type, "_con");
+    OFFSET(con_con, con_type, "_con");
+    OFFSET(con_closed, con_type, "_closed");
+    OFFSET(con_token, con_type, "_token");
+    OFFSET(con_plain, con_type, "_plain");
+    OFFSET(con_plain_ping, con_type, "_plain_ping");
+    OFFSET(con_ping, con_type, "_ping");
+    OFFSET(con_transaction, con_type, "_transaction");
+    OFFSET(con_reconnects, con_type, "_reconnects");
+    OFFSET(con_in_transaction, con_type, "_in_transaction");
+    OFFSET(con_failures, con_type, "_failures");
+    OFFSET(con_cursor_class, con_type, "_cursor_class");
+    OFFSET(cur_con, cursor_type, "_con");
+    OFFSET(cur_cursor, cursor_type, "_cursor");
+    OFFSET(cur_closed, cursor_type, "_closed");
+    OFFSET(cur_sized, cursor_type, "_sized");
+    if (!PyType_IsSubtype(dedicated_type, proxy_type)) {
+        PyErr_SetString(PyExc_TypeError, "forksafe: the dedicated proxy is not a proxy");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(page, &page_view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(armed, &armed_view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (page_view.len < 1 || armed_view.len < 1) {
+        PyErr_SetString(PyExc_ValueError, "forksafe: empty page");
+        return NULL;
+    }
+    fork_dict = PyModule_GetDict(fork); /* borrowed from the module, kept alive below */
+    if (fork_dict == NULL)
+        return NULL;
+    Py_INCREF(fork);
+    Py_INCREF(fork_dict);
+    queue_empty = Py_NewRef(empty);
+    if (set_method(pool_type, &connection_def) < 0 || set_method(proxy_type, &proxy_cursor_def) < 0 ||
+        set_method(con_type, &con_cursor_def) < 0 || set_method(dedicated_type, &close_def) < 0 ||
+        set_method(dedicated_type, &del_def) < 0 || set_method(cursor_type, &execute_def) < 0 ||
+        set_method(cursor_type, &fetchone_def) < 0 || set_method(cursor_type, &cursor_close_def) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"install", install, METH_VARARGS,
+     "install(PooledDB, proxy, dedicated proxy, SteadyDBConnection, SteadyDBCursor, page,"
+     " armed, fork module, queue.Empty): put the C methods on the classes."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "forksafe._speedups", "C versions of the pools' hot paths.", -1,
+    module_methods,
+};
+
+#define INTERN(var, text)                                     \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)     \
+        return NULL;
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    INTERN(s_cached_pid, "cached_pid");
+    INTERN(s_get, "get");
+    INTERN(s_put, "put");
+    INTERN(s_popleft, "popleft");
+    INTERN(s_append, "append");
+    INTERN(s_cursor, "cursor");
+    INTERN(s_execute, "execute");
+    INTERN(s_fetchone, "fetchone");
+    INTERN(s_close, "close");
+    INTERN(s_rollback, "rollback");
+    INTERN(s_rollback_, "_rollback");
+    INTERN(s_rollback_failed, "_rollback_failed");
+    INTERN(s_ping, "ping");
+    INTERN(s_made_for, "_made_for");
+    INTERN(s_adopt, "_adopt");
+    INTERN(s_cursor_failed, "_cursor_failed");
+    INTERN(s_execute_failed, "_execute_failed");
+    INTERN(s_wait_for_token, "_wait_for_token");
+    INTERN(s_fit, "_fit");
+    INTERN(s_ping_raised, "_ping_raised");
+    INTERN(s_ping_dead, "_ping_dead");
+    INTERN(s_ping_check, "_ping_check");
+    INTERN(s_drop_checkout, "_drop_checkout");
+    INTERN(s_lease, "_lease");
+    INTERN(s_count_reconnects, "_count_reconnects");
+    INTERN(s_py_connection, "_py_connection");
+    INTERN(s_py_cursor, "_py_cursor");
+    INTERN(s_py_close, "_py_close");
+    INTERN(s_py_del, "_py___del__");
+    INTERN(s_py_execute, "_py_execute");
+    INTERN(s_py_fetchone, "_py_fetchone");
+    return PyModule_Create(&module_def);
+}
