@@ -30,6 +30,7 @@ static Py_ssize_t cur_con, cur_cursor, cur_closed, cur_sized;
  * process's token), held for the life of the process; fork's namespace for cached_pid. */
 static Py_buffer page_view, armed_view;
 static PyObject *fork_dict;
+static PyObject *armed_int[256]; /* the ints 0..255, strong */
 static PyObject *queue_empty;
 
 static PyObject *s_cached_pid, *s_get, *s_put, *s_popleft, *s_append, *s_cursor, *s_execute,
@@ -63,6 +64,8 @@ token_armed(PyObject *con)
     PyObject *token = FIELD(con, con_token);
     if (token == NULL || !PyLong_CheckExact(token))
         return 0;
+    if (token == armed_int[((unsigned char *)armed_view.buf)[0]])
+        return 1; /* small ints are shared: the common case without converting */
     long value = PyLong_AsLong(token);
     if (value == -1 && PyErr_Occurred()) {
         PyErr_Clear();
@@ -93,17 +96,81 @@ pool_pid_current(PyObject *pool)
     return equal;
 }
 
+/* Methods looked up before, one entry per method name (the type it was last found on):
+ * what PyObject_VectorcallMethod finds each time, for objects without an instance
+ * __dict__ whose type looks attributes up the usual way (the driver's connections and
+ * cursors, deques, queues). An entry holds while its type's version tag is the one it
+ * was found under: changing a type changes its tag. */
+typedef struct {
+    PyObject *name;     /* interned and kept by this module: compared by address */
+    PyTypeObject *type; /* strong */
+    PyObject *method;   /* strong */
+    unsigned int tag;
+} found_t;
+
+#define FOUND_SIZE 64 /* more than the names this module calls methods by */
+static found_t found[FOUND_SIZE];
+
+/* The entry of ``name`` (claimed when new), or NULL when the table is full. */
+static found_t *
+found_entry(PyObject *name)
+{
+    size_t start = ((size_t)name >> 4) % FOUND_SIZE;
+    for (size_t i = 0; i < FOUND_SIZE; i++) {
+        found_t *entry = &found[(start + i) % FOUND_SIZE];
+        if (entry->name == name)
+            return entry;
+        if (entry->name == NULL) {
+            entry->name = name;
+            return entry;
+        }
+    }
+    return NULL;
+}
+
+/* PyObject_VectorcallMethod(name, args, nargsf, kwnames), args[0] the object and the
+ * PY_VECTORCALL_ARGUMENTS_OFFSET flag meaning args[0] may be overwritten. */
+static PyObject *
+call_method(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyTypeObject *type = Py_TYPE(args[0]);
+    found_t *entry = found_entry(name);
+    if (entry != NULL && entry->type == type && entry->tag == type->tp_version_tag &&
+        (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
+        PyObject *method = Py_NewRef(entry->method); /* the call may refill the entry */
+        PyObject *result = PyObject_Vectorcall(method, args, PyVectorcall_NARGS(nargsf), kwnames);
+        Py_DECREF(method);
+        return result;
+    }
+    if (entry != NULL && type->tp_dictoffset == 0 &&
+        type->tp_getattro == PyObject_GenericGetAttr) {
+        PyObject *method = _PyType_Lookup(type, name); /* borrowed */
+        if (method != NULL && (Py_TYPE(method)->tp_flags & Py_TPFLAGS_METHOD_DESCRIPTOR) &&
+            (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) && type->tp_version_tag != 0) {
+            PyTypeObject *old_type = entry->type;
+            PyObject *old_method = entry->method;
+            entry->type = (PyTypeObject *)Py_NewRef(type);
+            entry->method = Py_NewRef(method);
+            entry->tag = type->tp_version_tag;
+            Py_XDECREF(old_method);
+            Py_XDECREF(old_type);
+            return call_method(name, args, nargsf, kwnames); /* now found */
+        }
+    }
+    return PyObject_VectorcallMethod(name, args, nargsf, kwnames);
+}
+
 static PyObject *
 call0(PyObject *self, PyObject *name)
 {
-    return PyObject_VectorcallMethod(name, &self, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    return call_method(name, &self, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
 }
 
 static PyObject *
 call1(PyObject *self, PyObject *name, PyObject *arg)
 {
     PyObject *args[2] = {self, arg};
-    return PyObject_VectorcallMethod(name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    return call_method(name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
 }
 
 /* Call and drop the result; 0 or -1 (error set). */
@@ -168,7 +235,7 @@ fall_back(PyObject *self, PyObject *name, PyObject *const *args, Py_ssize_t narg
     stack[0] = self;
     for (Py_ssize_t i = 0; i < total; i++)
         stack[i + 1] = args[i];
-    PyObject *result = PyObject_VectorcallMethod(name, stack, nargs + 1, kwnames);
+    PyObject *result = call_method(name, stack, nargs + 1, kwnames);
     if (stack != small)
         PyMem_Free(stack);
     return result;
@@ -189,7 +256,7 @@ plain_cursor(PyObject *con)
     PyObject *cls = FIELD(con, con_cursor_class);
     PyObject *driver_con = FIELD(con, con_con);
     if (cls == NULL || driver_con == NULL || !PyType_Check(cls) ||
-        !PyType_IsSubtype((PyTypeObject *)cls, cursor_type))
+        (cls != (PyObject *)cursor_type && !PyType_IsSubtype((PyTypeObject *)cls, cursor_type)))
         return NULL;
     PyTypeObject *kind = (PyTypeObject *)cls;
     Py_INCREF(kind); /* _adopt() or a reconnect may replace the class on con */
@@ -228,11 +295,14 @@ plain_cursor(PyObject *con)
     FIELD(steady, cur_con) = con;
     Py_INCREF(Py_False);
     FIELD(steady, cur_sized) = Py_False;
-    PyObject *made_for = PyObject_GetAttr((PyObject *)kind, s_made_for);
+    /* kind._made_for, a class attribute (SteadyDBCursor's is None). */
+    PyObject *made_for = _PyType_Lookup(kind, s_made_for); /* borrowed */
+    Py_XINCREF(made_for);
     Py_DECREF(kind);
     if (made_for == NULL) {
         Py_DECREF(cursor);
         Py_DECREF(steady);
+        PyErr_SetString(PyExc_AttributeError, "forksafe: cursor class without _made_for");
         return NULL;
     }
     if ((PyObject *)Py_TYPE(cursor) == made_for) {
@@ -354,7 +424,7 @@ cursor_execute(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
 }
 
 static PyObject *
-cursor_fetchone(PyObject *self, PyObject *unused)
+cursor_fetchone(PyObject *self, PyObject *Py_UNUSED(unused))
 {
     if (cursor_con(self) == NULL)
         return call0(self, s_py_fetchone);
@@ -366,7 +436,7 @@ cursor_fetchone(PyObject *self, PyObject *unused)
 }
 
 static PyObject *
-cursor_close(PyObject *self, PyObject *unused)
+cursor_close(PyObject *self, PyObject *Py_UNUSED(unused))
 {
     PyObject *closed = FIELD(self, cur_closed);
     if (closed == Py_True)
@@ -613,7 +683,7 @@ lean_reset(PyObject *pool, PyObject *con)
 }
 
 static PyObject *
-dedicated_close(PyObject *self, PyObject *unused)
+dedicated_close(PyObject *self, PyObject *Py_UNUSED(unused))
 {
     PyObject *con = FIELD(self, proxy_con);
     if (con == Py_None)
@@ -668,12 +738,30 @@ done:
 }
 
 static PyObject *
-dedicated_del(PyObject *self, PyObject *unused)
+dedicated_del(PyObject *self, PyObject *Py_UNUSED(unused))
 {
     PyObject *con = FIELD(self, proxy_con);
     if (con == NULL || con == Py_None)
         Py_RETURN_NONE;
     return call0(self, s_py_del);
+}
+
+/* The finaliser of a dedicated proxy: __del__ without looking it up, nothing to do once
+ * closed. Errors are reported as unraisable, as for any __del__. */
+static void
+dedicated_finalize(PyObject *self)
+{
+    PyObject *con = FIELD(self, proxy_con);
+    if (con == NULL || con == Py_None)
+        return;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *result = call0(self, s_py_del);
+    if (result == NULL)
+        PyErr_WriteUnraisable(self);
+    else
+        Py_DECREF(result);
+    PyErr_Restore(type, value, traceback);
 }
 
 /* -- install() ---------------------------------------------------------------------- */
@@ -807,6 +895,11 @@ install(PyObject *module, PyObject *args)
         set_method(dedicated_type, &del_def) < 0 || set_method(cursor_type, &execute_def) < 0 ||
         set_method(cursor_type, &fetchone_def) < 0 || set_method(cursor_type, &cursor_close_def) < 0)
         return NULL;
+    dedicated_type->tp_finalize = dedicated_finalize; /* set after __del__, which sets it */
+    for (int i = 0; i < 256; i++) {
+        if ((armed_int[i] = PyLong_FromLong(i)) == NULL)
+            return NULL;
+    }
     Py_RETURN_NONE;
 }
 

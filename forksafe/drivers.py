@@ -303,10 +303,9 @@ def _is_closed(con: Any) -> bool:
 
 
 # A probe answers None (cannot tell), or a value that is false exactly when no transaction
-# is open. The C-level probes below (operator's attrgetter, methodcaller) cost no Python call.
+# is open. The C-level probes below (operator's attrgetter, a C method taken from the class)
+# cost no Python call.
 
-# libpq's PQtransactionStatus: PQTRANS_IDLE == 0; active, in transaction, error count.
-_psycopg2_in_transaction: Callable[[Any], object] = operator.methodcaller("get_transaction_status")
 _psycopg_in_transaction: Callable[[Any], object] = operator.attrgetter(
     "pgconn.transaction_status"  # psycopg 3
 )
@@ -344,7 +343,11 @@ def transaction_probe(con: Any) -> Callable[[Any], object] | None:
     """
     module = _module_of(con)
     if module.startswith("psycopg2"):
-        return _psycopg2_in_transaction
+        # libpq's PQtransactionStatus: PQTRANS_IDLE == 0; active, in transaction, error
+        # count. The class's method, called with the connection: no bound method each time.
+        probe: Callable[[Any], object] | None
+        probe = getattr(type(con), "get_transaction_status", None)
+        return probe
     if module.startswith("psycopg"):
         return _psycopg_in_transaction
     if module.startswith("pymysql"):

@@ -1,16 +1,20 @@
-"""The C hot paths are in use when built, and step aside when asked to."""
+"""The C hot paths: in use when built, out of the way when asked, same behaviour."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
+from typing import Any
 
+import fakedb
 import pytest
 
-from forksafe import speedups
+from forksafe import PooledDB, speedups
 
 
 def _built() -> bool:
@@ -55,3 +59,49 @@ def test_installing_twice_changes_nothing() -> None:
     assert speedups.install() is speedups.active
     after = {(cls, name): cls.__dict__[name] for cls, names in speedups.HOT for name in names}
     assert after == before
+
+
+class _Connection(sqlite3.Connection):
+    __slots__ = ()  # no instance __dict__: the driver methods' lookups can be remembered
+
+
+def test_a_driver_method_changed_between_checkouts_is_the_one_called(tmp_path: Path) -> None:
+    assert _Connection.__dictoffset__ == 0
+    pool = PooledDB(sqlite3, database=str(tmp_path / "methods.db"), factory=_Connection)
+
+    def cycle() -> None:
+        con = pool.connection()
+        cursor = con.cursor()
+        cursor.execute("SELECT 1")
+        assert cursor.fetchone() == (1,)
+        cursor.close()
+        con.close()
+
+    cycle()
+    cycle()
+    calls: list[str] = []
+
+    def counting_cursor(self: sqlite3.Connection, *args: Any) -> Any:
+        calls.append("cursor")
+        return sqlite3.Connection.cursor(self, *args)
+
+    setattr(_Connection, "cursor", counting_cursor)  # noqa: B010 (a method, for a while)
+    try:
+        cycle()
+        assert calls == ["cursor"]
+    finally:
+        delattr(_Connection, "cursor")
+    cycle()
+    assert calls == ["cursor"]
+    pool.close()
+
+
+def test_a_dropped_connection_returns_without_disturbing_the_exception_being_handled() -> None:
+    pool = PooledDB(fakedb)
+    try:
+        raise ValueError("being handled")
+    except ValueError:
+        pool.connection()  # dropped at once: its finaliser gives the connection back
+        assert str(sys.exc_info()[1]) == "being handled"
+    assert pool.stats()["idle"] == 1
+    assert pool.stats()["in_use"] == 0
