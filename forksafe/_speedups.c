@@ -23,7 +23,8 @@ static Py_ssize_t pool_pid, pool_warm, pool_maxshared, pool_slots, pool_taken, p
     pool_recycling, pool_leaktime, pool_lean_return, pool_reset, pool_given_back;
 static Py_ssize_t proxy_pool, proxy_con;
 static Py_ssize_t con_con, con_closed, con_token, con_plain, con_plain_ping, con_ping,
-    con_transaction, con_reconnects, con_in_transaction, con_failures, con_cursor_class;
+    con_transaction, con_reconnects, con_in_transaction, con_failures, con_cursor_class,
+    con_pinger, con_quiet;
 static Py_ssize_t cur_con, cur_cursor, cur_closed, cur_sized;
 
 /* fork.page (its byte 0 is zeroed in a forked child) and fork.armed (byte 0: the
@@ -106,6 +107,7 @@ typedef struct {
     PyTypeObject *type; /* strong */
     PyObject *method;   /* strong */
     unsigned int tag;
+    int direct; /* a C method of a class ``type`` derives from: call_c() may call it */
 } found_t;
 
 #define FOUND_SIZE 64 /* more than the names this module calls methods by */
@@ -128,6 +130,45 @@ found_entry(PyObject *name)
     return NULL;
 }
 
+typedef PyObject *(*fast_t)(PyObject *, PyObject *const *, Py_ssize_t);
+typedef PyObject *(*fast_kw_t)(PyObject *, PyObject *const *, Py_ssize_t, PyObject *);
+
+/* Call ``method``, a C method descriptor of a class args[0] is an instance of, as calling
+ * it through the descriptor would (which checks the instance's class again), by the
+ * calling convention of its C function. */
+static PyObject *
+call_c(PyObject *method, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyMethodDef *def = ((PyMethodDescrObject *)method)->d_method;
+    PyObject *self = args[0];
+    switch (def->ml_flags &
+            (METH_VARARGS | METH_FASTCALL | METH_NOARGS | METH_O | METH_KEYWORDS | METH_METHOD)) {
+    case METH_NOARGS:
+        if (nargs == 1 && kwnames == NULL)
+            return def->ml_meth(self, NULL);
+        break;
+    case METH_O:
+        if (nargs == 2 && kwnames == NULL)
+            return def->ml_meth(self, args[1]);
+        break;
+    case METH_FASTCALL:
+        if (kwnames == NULL)
+            return ((fast_t)(void (*)(void))def->ml_meth)(self, args + 1, nargs - 1);
+        break;
+    case METH_FASTCALL | METH_KEYWORDS:
+        return ((fast_kw_t)(void (*)(void))def->ml_meth)(self, args + 1, nargs - 1, kwnames);
+    }
+    return PyObject_Vectorcall(method, args, nargs, kwnames);
+}
+
+/* Whether call_c() may call ``method`` on instances of ``type``. */
+static int
+callable_in_c(PyObject *method, PyTypeObject *type)
+{
+    return Py_IS_TYPE(method, &PyMethodDescr_Type) &&
+           (type == PyDescr_TYPE(method) || PyType_IsSubtype(type, PyDescr_TYPE(method)));
+}
+
 /* PyObject_VectorcallMethod(name, args, nargsf, kwnames), args[0] the object and the
  * PY_VECTORCALL_ARGUMENTS_OFFSET flag meaning args[0] may be overwritten. */
 static PyObject *
@@ -138,7 +179,9 @@ call_method(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwna
     if (entry != NULL && entry->type == type && entry->tag == type->tp_version_tag &&
         (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
         PyObject *method = Py_NewRef(entry->method); /* the call may refill the entry */
-        PyObject *result = PyObject_Vectorcall(method, args, PyVectorcall_NARGS(nargsf), kwnames);
+        Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+        PyObject *result = entry->direct ? call_c(method, args, nargs, kwnames)
+                                         : PyObject_Vectorcall(method, args, nargs, kwnames);
         Py_DECREF(method);
         return result;
     }
@@ -152,6 +195,7 @@ call_method(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwna
             entry->type = (PyTypeObject *)Py_NewRef(type);
             entry->method = Py_NewRef(method);
             entry->tag = type->tp_version_tag;
+            entry->direct = callable_in_c(method, type);
             Py_XDECREF(old_method);
             Py_XDECREF(old_type);
             return call_method(name, args, nargsf, kwnames); /* now found */
@@ -481,8 +525,32 @@ checkout_ping(PyObject *con)
     if (plain_ping < 0)
         return -1;
     PyObject *driver_con = FIELD(con, con_con);
-    if (!plain_ping || !token_armed(con) || driver_con == NULL)
+    if (!token_armed(con) || driver_con == NULL)
         return run0(con, s_ping_check);
+    if (!plain_ping) {
+        /* A quiet probe and no pinger (PyMySQL): a socket with nothing to read vouches
+         * for the session, as in _ping_check(); else the driver's ping. */
+        PyObject *quiet = FIELD(con, con_quiet);
+        if (quiet == NULL || quiet == Py_None || FIELD(con, con_pinger) != Py_None)
+            return run0(con, s_ping_check);
+        Py_INCREF(quiet);
+        Py_INCREF(driver_con);
+        PyObject *answer = PyObject_CallOneArg(quiet, driver_con);
+        Py_DECREF(quiet);
+        Py_DECREF(driver_con);
+        int calm = answer == NULL ? -1 : PyObject_IsTrue(answer);
+        Py_XDECREF(answer);
+        if (calm > 0)
+            return 0;
+        if (calm < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                return -1;
+            PyErr_Clear(); /* as _ping_check(): ask the server */
+        }
+        driver_con = FIELD(con, con_con);
+        if (driver_con == NULL)
+            return run0(con, s_ping_check);
+    }
     Py_INCREF(driver_con);
     PyObject *alive = call1(driver_con, s_ping, Py_False);
     Py_DECREF(driver_con);
@@ -633,7 +701,9 @@ lean_reset(PyObject *pool, PyObject *con)
     int open = 1;
     if (probe != Py_None) {
         Py_INCREF(probe);
-        PyObject *state = PyObject_CallOneArg(probe, driver_con);
+        PyObject *state = callable_in_c(probe, Py_TYPE(driver_con))
+                              ? call_c(probe, &driver_con, 1, NULL)
+                              : PyObject_CallOneArg(probe, driver_con);
         Py_DECREF(probe);
         if (state == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_Exception)) {
@@ -830,7 +900,7 @@ take_type(PyObject *arg, PyTypeObject **slot)
         return NULL;
 
 static PyObject *
-install(PyObject *module, PyObject *args)
+install(PyObject *Py_UNUSED(module), PyObject *args)
 {
     PyObject *pool, *proxy, *dedicated, *con, *cursor, *page, *armed, *fork, *empty;
     if (pool_type != NULL) {
@@ -868,6 +938,8 @@ install(PyObject *module, PyObject *args)
     OFFSET(con_in_transaction, con_type, "_in_transaction");
     OFFSET(con_failures, con_type, "_failures");
     OFFSET(con_cursor_class, con_type, "_cursor_class");
+    OFFSET(con_pinger, con_type, "_pinger");
+    OFFSET(con_quiet, con_type, "_quiet");
     OFFSET(cur_con, cursor_type, "_con");
     OFFSET(cur_cursor, cursor_type, "_cursor");
     OFFSET(cur_closed, cursor_type, "_closed");
@@ -912,7 +984,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "forksafe._speedups", "C versions of the pools' hot paths.", -1,
-    module_methods,
+    module_methods, NULL, NULL, NULL, NULL,
 };
 
 #define INTERN(var, text)                                     \
