@@ -14,6 +14,11 @@
 #include <Python.h>
 #include <structmember.h>
 
+#ifndef _WIN32
+#include <poll.h>
+#define HAVE_QUIET 1
+#endif
+
 #define FIELD(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 /* The classes and the offsets of their slots. */
@@ -39,7 +44,7 @@ static PyObject *s_cached_pid, *s_get, *s_put, *s_popleft, *s_append, *s_cursor,
     *s_execute_failed, *s_wait_for_token, *s_fit, *s_ping_raised, *s_ping_dead, *s_ping_check,
     *s_drop_checkout, *s_lease, *s_count_reconnects, *s_rollback_ = NULL,
     *s_rollback_failed, *s_py_connection, *s_py_cursor, *s_py_close, *s_py_del,
-    *s_py_execute, *s_py_fetchone;
+    *s_py_execute, *s_py_fetchone, *s_sock;
 
 /* -- helpers ------------------------------------------------------------------------ */
 
@@ -507,6 +512,87 @@ cursor_close(PyObject *self, PyObject *Py_UNUSED(unused))
 
 /* -- PooledDB.connection() ---------------------------------------------------------- */
 
+/* -- Quiet: drivers' quiet probe of a PyMySQL connection ------------------------------ */
+
+#ifdef HAVE_QUIET
+/* Quiet(sock, fd)(con): whether ``con._sock`` is still ``sock`` and its descriptor has
+ * nothing to read, as the closure drivers._pymysql_quiet() makes otherwise. The poll has
+ * no timeout: it runs holding the GIL. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *sock;
+    int fd;
+} QuietObject;
+
+static PyTypeObject QuietType;
+
+/* 1 quiet, 0 not (or cannot tell), -1 an error set. */
+static int
+quiet_check(QuietObject *self, PyObject *con)
+{
+    PyObject *sock = PyObject_GetAttr(con, s_sock);
+    if (sock == NULL)
+        return -1;
+    int same = sock == self->sock;
+    Py_DECREF(sock);
+    if (!same)
+        return 0;
+    struct pollfd watched = {self->fd, POLLIN | POLLPRI, 0};
+    return poll(&watched, 1, 0) == 0;
+}
+
+static PyObject *
+quiet_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *con;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "Quiet() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O:Quiet", &con))
+        return NULL;
+    int quiet = quiet_check((QuietObject *)self, con);
+    return quiet < 0 ? NULL : PyBool_FromLong(quiet);
+}
+
+static PyObject *
+quiet_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"sock", "fd", NULL};
+    PyObject *sock;
+    int fd;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oi:Quiet", names, &sock, &fd))
+        return NULL;
+    if (fd < 0) {
+        PyErr_Format(PyExc_ValueError, "Quiet: fd must be a file descriptor, got %d", fd);
+        return NULL;
+    }
+    QuietObject *self = (QuietObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->sock = Py_NewRef(sock);
+    self->fd = fd;
+    return (PyObject *)self;
+}
+
+static void
+quiet_dealloc(PyObject *self)
+{
+    Py_CLEAR(((QuietObject *)self)->sock);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyTypeObject QuietType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "forksafe._speedups.Quiet",
+    .tp_basicsize = sizeof(QuietObject),
+    .tp_dealloc = quiet_dealloc,
+    .tp_call = quiet_call,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Quiet(sock, fd)(con): con._sock is sock and fd has nothing to read.",
+    .tp_new = quiet_new,
+};
+#endif
+
 /* The ping of a checkout (the pool's inlined con._ping_check()); 0 or -1. */
 static int
 checkout_ping(PyObject *con)
@@ -535,11 +621,20 @@ checkout_ping(PyObject *con)
             return run0(con, s_ping_check);
         Py_INCREF(quiet);
         Py_INCREF(driver_con);
-        PyObject *answer = PyObject_CallOneArg(quiet, driver_con);
+        int calm;
+#ifdef HAVE_QUIET
+        if (Py_IS_TYPE(quiet, &QuietType)) {
+            calm = quiet_check((QuietObject *)quiet, driver_con);
+        }
+        else
+#endif
+        {
+            PyObject *answer = PyObject_CallOneArg(quiet, driver_con);
+            calm = answer == NULL ? -1 : PyObject_IsTrue(answer);
+            Py_XDECREF(answer);
+        }
         Py_DECREF(quiet);
         Py_DECREF(driver_con);
-        int calm = answer == NULL ? -1 : PyObject_IsTrue(answer);
-        Py_XDECREF(answer);
         if (calm > 0)
             return 0;
         if (calm < 0) {
@@ -1025,5 +1120,12 @@ PyInit__speedups(void)
     INTERN(s_py_del, "_py___del__");
     INTERN(s_py_execute, "_py_execute");
     INTERN(s_py_fetchone, "_py_fetchone");
-    return PyModule_Create(&module_def);
+    INTERN(s_sock, "_sock");
+    PyObject *module = PyModule_Create(&module_def);
+#ifdef HAVE_QUIET
+    if (module != NULL &&
+        (PyType_Ready(&QuietType) < 0 || PyModule_AddObjectRef(module, "Quiet", (PyObject *)&QuietType) < 0))
+        Py_CLEAR(module);
+#endif
+    return module;
 }

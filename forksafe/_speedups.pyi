@@ -1,4 +1,5 @@
 from types import ModuleType
+from typing import Any
 
 def install(
     pool: type,
@@ -11,3 +12,7 @@ def install(
     fork: ModuleType,
     empty: type[Exception],
 ) -> None: ...
+
+class Quiet:
+    def __init__(self, sock: object, fd: int) -> None: ...
+    def __call__(self, con: Any) -> bool: ...

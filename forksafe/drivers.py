@@ -384,11 +384,17 @@ def fetches_from_server(cursor: Any) -> bool:
 _QUIET_EVENTS = select.POLLIN | select.POLLPRI if hasattr(select, "poll") else 0
 
 
+#: The C version of the probe below, ``(sock, fd) -> probe``: set by forksafe.speedups.
+native_quiet: Callable[[Any, int], Callable[[Any], bool]] | None = None
+
+
 def _pymysql_quiet(con: Any) -> Callable[[Any], bool] | None:
     """The quiet probe of one PyMySQL connection: one poller, registered once."""
     sock = con._sock
     if sock is None or not _QUIET_EVENTS:
         return None
+    if native_quiet is not None:
+        return native_quiet(sock, sock.fileno())
     poller = select.poll()
     poller.register(sock.fileno(), _QUIET_EVENTS)
 

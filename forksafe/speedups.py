@@ -6,7 +6,9 @@ a cursor without arguments, a statement that succeeds, a return that only rolls 
 and hand everything else to the Python method they replaced, kept on the class as
 ``_py_<name>``, before changing anything. They read the fields the classes keep in
 ``__slots__``. The Python methods are the reference: the behaviour is the same either
-way, and the test suite runs against both.
+way, and the test suite runs against both. PyMySQL's quiet probe (see
+:func:`forksafe.drivers.quiet_probe`) has a C version too, which polls without letting
+go of the GIL.
 
 Without a C compiler at install time the extension is not built and the Python methods
 run. ``FORKSAFE_PURE_PYTHON=1`` in the environment, read at import, keeps them too.
@@ -18,7 +20,7 @@ import os
 import queue
 from types import ModuleType
 
-from forksafe import fork
+from forksafe import drivers, fork
 from forksafe.pooled import PooledDB, PooledDedicatedDBConnection, _PooledProxy
 from forksafe.steady import SteadyDBConnection, SteadyDBCursor
 
@@ -67,5 +69,6 @@ def install() -> bool:
         fork,
         queue.Empty,
     )
+    drivers.native_quiet = getattr(extension, "Quiet", None)
     active = True
     return active

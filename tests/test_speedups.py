@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
 import sysconfig
+import types
 from pathlib import Path
 from typing import Any
 
 import fakedb
 import pytest
 
-from forksafe import PooledDB, speedups
+from forksafe import PooledDB, drivers, speedups
 
 
 def _built() -> bool:
@@ -105,3 +107,30 @@ def test_a_dropped_connection_returns_without_disturbing_the_exception_being_han
         assert str(sys.exc_info()[1]) == "being handled"
     assert pool.stats()["idle"] == 1
     assert pool.stats()["in_use"] == 0
+
+
+def test_the_quiet_probe_vouches_only_while_its_socket_has_nothing_to_read() -> None:
+    """In C or in Python (whichever is in use): the probe of a PyMySQL-like connection."""
+    ours, server = socket.socketpair()
+    con = types.SimpleNamespace(_sock=ours)
+    try:
+        quiet = drivers._pymysql_quiet(con)
+        assert quiet is not None
+        assert quiet(con) is True
+        server.sendall(b"\x00")  # what a server writes to an idle session: its goodbye
+        assert quiet(con) is False
+        ours.recv(1)
+        assert quiet(con) is True
+        con._sock = socket.socket()  # reconnected: a socket the probe does not watch
+        assert quiet(con) is False
+        con._sock.close()
+    finally:
+        ours.close()
+        server.close()
+
+
+@pytest.mark.skipif(not speedups.active, reason="the C extension is not in use")
+def test_a_c_quiet_probe_refuses_a_negative_descriptor() -> None:
+    assert drivers.native_quiet is not None
+    with pytest.raises(ValueError, match="fd must be a file descriptor, got -1"):
+        drivers.native_quiet(object(), -1)
