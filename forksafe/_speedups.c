@@ -106,7 +106,7 @@ pool_pid_current(PyObject *pool)
  * what PyObject_VectorcallMethod finds each time, for objects without an instance
  * __dict__ whose type looks attributes up the usual way (the driver's connections and
  * cursors, deques, queues). An entry holds while its type's version tag is the one it
- * was found under: changing a type changes its tag. */
+ * was found under: changing a type sets its tag to 0, and a tag is never given twice. */
 typedef struct {
     PyObject *name;     /* interned and kept by this module: compared by address */
     PyTypeObject *type; /* strong */
@@ -182,7 +182,7 @@ call_method(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwna
     PyTypeObject *type = Py_TYPE(args[0]);
     found_t *entry = found_entry(name);
     if (entry != NULL && entry->type == type && entry->tag == type->tp_version_tag &&
-        (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
+        entry->tag != 0) {
         PyObject *method = Py_NewRef(entry->method); /* the call may refill the entry */
         Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
         PyObject *result = entry->direct ? call_c(method, args, nargs, kwnames)
@@ -194,7 +194,7 @@ call_method(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwna
         type->tp_getattro == PyObject_GenericGetAttr) {
         PyObject *method = _PyType_Lookup(type, name); /* borrowed */
         if (method != NULL && (Py_TYPE(method)->tp_flags & Py_TPFLAGS_METHOD_DESCRIPTOR) &&
-            (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) && type->tp_version_tag != 0) {
+            type->tp_version_tag != 0) {
             PyTypeObject *old_type = entry->type;
             PyObject *old_method = entry->method;
             entry->type = (PyTypeObject *)Py_NewRef(type);
@@ -268,6 +268,38 @@ take_error(void)
     return value;
 }
 
+/* Raise ``error`` again (a normalised exception from take_error(); the reference is
+ * passed on), its traceback kept. */
+static void
+raise_again(PyObject *error)
+{
+    PyObject *traceback = PyException_GetTraceback(error);
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(error)), error, traceback);
+}
+
+/* PyObject_VectorcallMethod(name, args, nargsf) while ``error`` is the exception being
+ * handled, as a call in a Python ``except`` block: sys.exc_info() shows it, and what the
+ * call raises has it as __context__. */
+static PyObject *
+call_handling(PyObject *error, PyObject *name, PyObject *const *args, size_t nargsf)
+{
+#if PY_VERSION_HEX >= 0x030B0000
+    PyObject *saved = PyErr_GetHandledException();
+    PyErr_SetHandledException(error);
+    PyObject *result = PyObject_VectorcallMethod(name, args, nargsf, NULL);
+    PyErr_SetHandledException(saved);
+    Py_XDECREF(saved);
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_GetExcInfo(&type, &value, &traceback);
+    PyErr_SetExcInfo(Py_NewRef((PyObject *)Py_TYPE(error)), Py_NewRef(error),
+                     PyException_GetTraceback(error));
+    PyObject *result = PyObject_VectorcallMethod(name, args, nargsf, NULL);
+    PyErr_SetExcInfo(type, value, traceback);
+#endif
+    return result;
+}
+
 /* Fall back to the Python method kept as ``name``, with a vectorcall's arguments. */
 static PyObject *
 fall_back(PyObject *self, PyObject *name, PyObject *const *args, Py_ssize_t nargs,
@@ -323,8 +355,8 @@ plain_cursor(PyObject *con)
         PyObject *no_kwargs = PyDict_New();
         if (error != NULL && no_args != NULL && no_kwargs != NULL) {
             PyObject *args[5] = {con, error, no_args, no_kwargs, Py_False};
-            cursor = PyObject_VectorcallMethod(s_cursor_failed, args,
-                                               5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            cursor = call_handling(error, s_cursor_failed, args,
+                                   5 | PY_VECTORCALL_ARGUMENTS_OFFSET);
         }
         Py_XDECREF(error);
         Py_XDECREF(no_args);
@@ -460,8 +492,8 @@ cursor_execute(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
             PyObject *dict = stack_dict(args, nargs, kwnames);
             if (error != NULL && tuple != NULL && dict != NULL) {
                 PyObject *call[4] = {self, error, tuple, dict};
-                result = PyObject_VectorcallMethod(s_execute_failed, call,
-                                                   4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+                result = call_handling(error, s_execute_failed, call,
+                                       4 | PY_VECTORCALL_ARGUMENTS_OFFSET);
             }
             Py_XDECREF(error);
             Py_XDECREF(tuple);
@@ -657,7 +689,7 @@ checkout_ping(PyObject *con)
             return -1;
         PyObject *args[3] = {con, error, Py_True};
         PyObject *result =
-            PyObject_VectorcallMethod(s_ping_raised, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            call_handling(error, s_ping_raised, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET);
         Py_DECREF(error);
         Py_XDECREF(result);
         return result == NULL ? -1 : 0;
@@ -679,11 +711,11 @@ static PyObject *
 pool_connection(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     PyObject *slots = FIELD(self, pool_slots), *taken = FIELD(self, pool_taken);
-    PyObject *idle = FIELD(self, pool_idle), *recycling = FIELD(self, pool_recycling);
+    PyObject *idle = FIELD(self, pool_idle);
     PyObject *leaktime = FIELD(self, pool_leaktime);
     if (nargs || kwnames || !pool_pid_current(self) || FIELD(self, pool_warm) != Py_True ||
         truth(FIELD(self, pool_maxshared)) != 0 || slots == NULL || taken == NULL ||
-        idle == NULL || recycling == NULL || leaktime == NULL) {
+        idle == NULL || FIELD(self, pool_recycling) == NULL || leaktime == NULL) {
         PyErr_Clear();
         return fall_back(self, s_py_connection, args, nargs, kwnames);
     }
@@ -718,7 +750,7 @@ pool_connection(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     int fit = con == Py_None || Py_TYPE(con) != con_type;
     if (!fit) {
         int closed = truth(FIELD(con, con_closed));
-        int recycle = truth(recycling);
+        int recycle = truth(FIELD(self, pool_recycling)); /* read now, as connection() */
         if (closed < 0 || recycle < 0)
             goto ping_failed; /* a slot not set: as an AttributeError of the ping */
         fit = closed || recycle;
@@ -731,15 +763,19 @@ pool_connection(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     }
     else if (checkout_ping(con) < 0) {
     ping_failed:;
-        PyObject *type, *value, *traceback;
-        PyErr_Fetch(&type, &value, &traceback);
-        if (run1(self, s_drop_checkout, con) < 0) {
-            Py_XDECREF(type);
-            Py_XDECREF(value);
-            Py_XDECREF(traceback);
+        /* As ``except BaseException: self._drop_checkout(con); raise``. */
+        PyObject *error = take_error();
+        if (error == NULL)
+            goto done;
+        PyObject *call[2] = {self, con};
+        PyObject *dropped =
+            call_handling(error, s_drop_checkout, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET);
+        if (dropped != NULL) {
+            Py_DECREF(dropped);
+            raise_again(error); /* reference passed on */
         }
         else {
-            PyErr_Restore(type, value, traceback);
+            Py_DECREF(error);
         }
         goto done;
     }
@@ -828,7 +864,11 @@ lean_reset(PyObject *pool, PyObject *con)
         }
         else {
             PyObject *error = take_error();
-            PyObject *returned = error == NULL ? NULL : call1(con, s_rollback_failed, error);
+            PyObject *call[2] = {con, error};
+            PyObject *returned =
+                error == NULL ? NULL
+                              : call_handling(error, s_rollback_failed, call,
+                                              2 | PY_VECTORCALL_ARGUMENTS_OFFSET);
             Py_XDECREF(error);
             if (returned == NULL) {
                 status = -1;
@@ -905,10 +945,9 @@ done:
 static PyObject *
 dedicated_del(PyObject *self, PyObject *Py_UNUSED(unused))
 {
-    PyObject *con = FIELD(self, proxy_con);
-    if (con == NULL || con == Py_None)
+    if (FIELD(self, proxy_con) == Py_None)
         Py_RETURN_NONE;
-    return call0(self, s_py_del);
+    return call0(self, s_py_del); /* also when _con is unset: its AttributeError is reported */
 }
 
 /* The finaliser of a dedicated proxy: __del__ without looking it up, nothing to do once
@@ -916,8 +955,7 @@ dedicated_del(PyObject *self, PyObject *Py_UNUSED(unused))
 static void
 dedicated_finalize(PyObject *self)
 {
-    PyObject *con = FIELD(self, proxy_con);
-    if (con == NULL || con == Py_None)
+    if (FIELD(self, proxy_con) == Py_None)
         return;
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
@@ -966,8 +1004,17 @@ set_method(PyTypeObject *type, PyMethodDef *def)
         PyObject *doc = PyObject_GetAttrString(python, "__doc__");
         if (doc == NULL)
             return -1;
-        if (PyUnicode_Check(doc))
-            def->ml_doc = PyUnicode_AsUTF8(doc); /* kept alive by the Python method */
+        if (PyUnicode_Check(doc)) {
+            const char *text = PyUnicode_AsUTF8(doc);
+            char *copy = text == NULL ? NULL : PyMem_Malloc(strlen(text) + 1);
+            if (copy == NULL) {
+                Py_DECREF(doc);
+                if (!PyErr_Occurred())
+                    PyErr_NoMemory();
+                return -1;
+            }
+            def->ml_doc = strcpy(copy, text); /* for the life of the process */
+        }
         Py_DECREF(doc);
     }
     PyObject *descr = PyDescr_NewMethod(type, def);
@@ -999,7 +1046,9 @@ install(PyObject *Py_UNUSED(module), PyObject *args)
 {
     PyObject *pool, *proxy, *dedicated, *con, *cursor, *page, *armed, *fork, *empty;
     if (pool_type != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "forksafe: speedups already installed");
+        /* Another interpreter of this process (the state here is per process). */
+        PyErr_SetString(PyExc_ImportError,
+                        "forksafe: the C hot paths serve one interpreter per process");
         return NULL;
     }
     if (!PyArg_ParseTuple(args, "OOOOOOOOO:install", &pool, &proxy, &dedicated, &con, &cursor,

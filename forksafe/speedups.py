@@ -11,7 +11,8 @@ way, and the test suite runs against both. PyMySQL's quiet probe (see
 go of the GIL.
 
 Without a C compiler at install time the extension is not built and the Python methods
-run. ``FORKSAFE_PURE_PYTHON=1`` in the environment, read at import, keeps them too.
+run. ``FORKSAFE_PURE_PYTHON=1`` in the environment, read at import, keeps them too, and so
+does every interpreter of a process but the first to import forksafe (sub-interpreters).
 """
 
 from __future__ import annotations
@@ -58,17 +59,20 @@ def install() -> bool:
     for cls, names in HOT:
         for name in names:
             setattr(cls, f"_py_{name}", cls.__dict__[name])
-    extension.install(
-        PooledDB,
-        _PooledProxy,
-        PooledDedicatedDBConnection,
-        SteadyDBConnection,
-        SteadyDBCursor,
-        fork.page,
-        fork.armed,
-        fork,
-        queue.Empty,
-    )
+    try:
+        extension.install(
+            PooledDB,
+            _PooledProxy,
+            PooledDedicatedDBConnection,
+            SteadyDBConnection,
+            SteadyDBCursor,
+            fork.page,
+            fork.armed,
+            fork,
+            queue.Empty,
+        )
+    except ImportError:  # a second interpreter of the process: the Python methods run
+        return active
     drivers.native_quiet = getattr(extension, "Quiet", None)
     active = True
     return active

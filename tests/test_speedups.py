@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ import fakedb
 import pytest
 
 from forksafe import PooledDB, drivers, speedups
+from forksafe.pooled import PooledDedicatedDBConnection
 
 
 def _built() -> bool:
@@ -134,3 +136,77 @@ def test_a_c_quiet_probe_refuses_a_negative_descriptor() -> None:
     assert drivers.native_quiet is not None
     with pytest.raises(ValueError, match="fd must be a file descriptor, got -1"):
         drivers.native_quiet(object(), -1)
+
+
+def _fatal_check_that_fails(error: Exception) -> bool:
+    raise ValueError(f"isfatal failed on {type(error).__name__}")
+
+
+@pytest.mark.parametrize("where", ["execute", "cursor"])
+def test_an_error_raised_while_handling_a_driver_error_chains_to_it(where: str) -> None:
+    """The failure paths run as inside ``except``: what they raise has the driver's error
+    as its context, in C as in Python."""
+    fakedb.reset()
+    pool = PooledDB(fakedb, isfatal=_fatal_check_that_fails)
+    db = pool.connection()
+    cursor = db.cursor() if where == "execute" else None
+    fakedb.fail_next(1, where)
+    with pytest.raises(ValueError, match="isfatal failed on OperationalError") as raised:
+        cursor.execute("SELECT 1") if cursor is not None else db.cursor()
+    assert isinstance(raised.value.__context__, fakedb.OperationalError)
+    db.close()
+    pool.close()
+
+
+def test_a_checkout_whose_ping_and_cleanup_fail_raises_the_cleanup_error_chained(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fakedb.reset()
+    pool = PooledDB(fakedb, ping=1)
+    pool.connection().close()
+
+    def interrupted_ping(self: Any, reconnect: bool = False) -> bool:
+        raise KeyboardInterrupt("ping interrupted")
+
+    def failing_drop(self: PooledDB, con: Any) -> None:
+        raise RuntimeError("drop failed")
+
+    monkeypatch.setattr(fakedb.Connection, "ping", interrupted_ping)
+    monkeypatch.setattr(PooledDB, "_drop_checkout", failing_drop)
+    with pytest.raises(RuntimeError, match="drop failed") as raised:
+        pool.connection()
+    assert isinstance(raised.value.__context__, KeyboardInterrupt)
+
+
+def test_a_proxy_dropped_without_its_fields_reports_the_error_as_python_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    proxy = PooledDedicatedDBConnection()  # no __init__ arguments: _con never set
+    del proxy
+    gc.collect()
+    assert [type(u.exc_value) for u in unraisable] == [AttributeError]
+
+
+def test_the_c_methods_keep_the_python_methods_docstrings() -> None:
+    for cls, names in speedups.HOT:
+        for name in names:
+            if name.startswith("__"):
+                continue
+            method = cls.__dict__[name]
+            assert method.__doc__ == cls.__dict__.get(f"_py_{name}", method).__doc__, name
+
+
+def test_a_second_interpreter_imports_forksafe_with_the_python_methods() -> None:
+    pytest.importorskip("_xxsubinterpreters")
+    code = (
+        "import forksafe, _xxsubinterpreters as si\n"
+        "interp = si.create(isolated=False)\n"
+        "si.run_string(interp, 'import forksafe; assert not forksafe.speedups.active')\n"
+        "print('main', forksafe.speedups.active)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == f"main {speedups.active}"
