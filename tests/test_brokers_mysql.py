@@ -119,7 +119,7 @@ def test_an_outcome_is_stored_while_a_heartbeat_moves_its_lease_past_the_reader(
         recording = threading.Thread(target=lambda: stored.append(broker.record(outcomes, now)))
         recording.start()
 
-        def waiting_or_done() -> bool:
+        def lock_waits() -> int:
             # Lock waits of this database's sessions only: the server is shared with other
             # tests, whose waits would let the heartbeat run before record() waits.
             cursor.execute(
@@ -127,13 +127,28 @@ def test_an_outcome_is_stored_while_a_heartbeat_moves_its_lease_past_the_reader(
                 " JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id"
                 " WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE()"
             )
-            return bool(cursor.fetchone()[0]) or not recording.is_alive()
+            return int(cursor.fetchone()[0])
 
-        wait_until(waiting_or_done, 10, "the outcomes to be written or to wait for a lock")
+        wait_until(
+            lambda: lock_waits() > 0 or not recording.is_alive(),
+            10,
+            "the outcomes to be written or to wait for a lock",
+        )
         # A heartbeat that read the clock before the claim: our leases move below theirs.
-        broker.extend_leases("w1", 0.0, now)
+        # It runs beside the test: when the plan record() took locked our rows before it
+        # waited, the heartbeat queues behind them, and only the other worker's rollback
+        # (which this thread holds) lets both go on.
+        heartbeat = threading.Thread(target=lambda: broker.extend_leases("w1", 0.0, now))
+        heartbeat.start()
+        wait_until(
+            lambda: not heartbeat.is_alive() or lock_waits() > 1,
+            10,
+            "the heartbeat to move the leases or to wait for record()'s locks",
+        )
         locker.execute("ROLLBACK")
+        heartbeat.join(30)
         recording.join(30)
+        assert not heartbeat.is_alive() and not recording.is_alive()
     finally:
         other.close()
         con.close()
