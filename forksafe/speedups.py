@@ -56,9 +56,7 @@ def install() -> bool:
     extension = _extension()
     if active or extension is None:
         return active
-    for cls, names in HOT:
-        for name in names:
-            setattr(cls, f"_py_{name}", cls.__dict__[name])
+    python = [(cls, name, cls.__dict__[name]) for cls, names in HOT for name in names]
     try:
         extension.install(
             PooledDB,
@@ -73,6 +71,8 @@ def install() -> bool:
         )
     except ImportError:  # a second interpreter of the process: the Python methods run
         return active
+    for cls, name, method in python:  # where the C functions hand what they do not do
+        setattr(cls, f"_py_{name}", method)
     drivers.native_quiet = getattr(extension, "Quiet", None)
     active = True
     return active
